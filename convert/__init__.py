@@ -1,0 +1,1 @@
+"""Conversion of published PyTorch klein checkpoints to Flax NNX parameters."""

@@ -1,0 +1,40 @@
+"""Layers shared by the flow transformer and the Qwen3 text encoder."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm over the last axis, computed in fp32 and cast back (torch.nn.RMSNorm / Qwen3RMSNorm)."""
+
+    def __init__(self, dim: int, *, eps: float = 1e-6, param_dtype=jnp.float32):
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:  # (..., D)
+        x32 = x.astype(jnp.float32)  # fp32: a bf16 mean of squares drifts from torch
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+    """LayerNorm without affine parameters, statistics in fp32 (torch LayerNorm(elementwise_affine=False))."""
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+
+
+def attention_implementation(dtype) -> str | None:
+    """cuDNN flash attention on GPU for 16-bit compute; XLA's reference otherwise (CPU, TPU, float32)."""
+    if jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        return "cudnn"
+    return None
+
+
+def dot_product_attention(q, k, v, *, mask=None, is_causal: bool = False, implementation: str | None = None):
+    """Softmax attention on (B, S, H, Dh) tensors, scale 1/sqrt(Dh); softmax in fp32 as SDPA does."""
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, implementation=implementation)
