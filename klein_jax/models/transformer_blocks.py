@@ -1,0 +1,157 @@
+"""Double- and single-stream blocks of the FLUX.2 flow transformer.
+
+Port of diffusers Flux2TransformerBlock, Flux2Attention, Flux2FeedForward, Flux2SingleTransformerBlock and
+Flux2ParallelSelfAttention (transformer_flux2.py; klein.md §2.5-2.6). Class and attribute names mirror diffusers so
+the key map is a rename table; diffusers' attn.to_out.0 is plain `to_out` here. No layer has a bias.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from klein_jax.models.layers import RMSNorm, dot_product_attention, layer_norm
+from klein_jax.models.rope import apply_rope
+
+
+def bias_free_linear(in_features: int, out_features: int, *, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.Linear:
+    """nnx.Linear without bias: no layer of the FLUX.2 transformer has one."""
+    return nnx.Linear(in_features, out_features, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+
+def split_modulation(mod: jax.Array, num_sets: int) -> tuple[tuple[jax.Array, jax.Array, jax.Array], ...]:
+    """(B, 3*num_sets*D) -> num_sets tuples of (shift, scale, gate), each (B, 1, D) (Flux2Modulation.split)."""
+    chunks = jnp.split(mod[:, None, :], 3 * num_sets, axis=-1)  # (B, 3sD) -> 3s x (B, 1, D)
+    return tuple(tuple(chunks[3 * i : 3 * i + 3]) for i in range(num_sets))
+
+
+def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    """(1 + scale) * LayerNorm(x) + shift, the LayerNorm without affine parameters."""
+    return (1 + scale) * layer_norm(x, eps) + shift
+
+
+def swiglu(x: jax.Array) -> jax.Array:
+    """SiLU(first half) * second half of the last axis (Flux2SwiGLU)."""
+    gate, value = jnp.split(x, 2, axis=-1)  # (..., 2F) -> 2 x (..., F)
+    return jax.nn.silu(gate) * value
+
+
+class Flux2FeedForward(nnx.Module):
+    """SwiGLU MLP with the gate and value projections fused in `linear_in` (diffusers Flux2FeedForward)."""
+
+    def __init__(self, dim: int, hidden_dim: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.linear_in = bias_free_linear(dim, 2 * hidden_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.linear_out = bias_free_linear(hidden_dim, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.linear_out(swiglu(self.linear_in(x)))
+
+
+class Flux2Attention(nnx.Module):
+    """Joint text+image attention of a double-stream block, text first (diffusers Flux2Attention + processor)."""
+
+    def __init__(self, dim: int, num_heads: int, head_dim: int, *, eps: float, attention_impl: str | None,
+                 dtype, param_dtype, rngs: nnx.Rngs):
+        self.num_heads, self.head_dim = num_heads, head_dim
+        self.attention_impl = attention_impl
+        inner = num_heads * head_dim
+        lin = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.to_q, self.to_k, self.to_v = (bias_free_linear(dim, inner, **lin) for _ in range(3))
+        self.add_q_proj, self.add_k_proj, self.add_v_proj = (bias_free_linear(dim, inner, **lin) for _ in range(3))
+        self.norm_q, self.norm_k, self.norm_added_q, self.norm_added_k = (
+            RMSNorm(head_dim, eps=eps, param_dtype=param_dtype) for _ in range(4)
+        )
+        self.to_out = bias_free_linear(inner, dim, **lin)
+        self.to_add_out = bias_free_linear(inner, dim, **lin)
+
+    def _heads(self, x: jax.Array) -> jax.Array:
+        B, S, _ = x.shape
+        return x.reshape(B, S, self.num_heads, self.head_dim)  # (B, S, H*Dh) -> (B, S, H, Dh)
+
+    def __call__(self, img: jax.Array, txt: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """img (B, L, D), txt (B, T, D), cos/sin (T+L, Dh/2) -> attention outputs (B, L, D), (B, T, D)."""
+        B, L, _ = img.shape
+        T = txt.shape[1]
+        # diffusers applies the QK RMSNorm per stream before RoPE; order matters for parity
+        q = self.norm_q(self._heads(self.to_q(img)))
+        k = self.norm_k(self._heads(self.to_k(img)))
+        v = self._heads(self.to_v(img))
+        txt_q = self.norm_added_q(self._heads(self.add_q_proj(txt)))
+        txt_k = self.norm_added_k(self._heads(self.add_k_proj(txt)))
+        txt_v = self._heads(self.add_v_proj(txt))
+        q = apply_rope(jnp.concatenate([txt_q, q], axis=1), cos, sin)  # (B, T+L, H, Dh), text first
+        k = apply_rope(jnp.concatenate([txt_k, k], axis=1), cos, sin)
+        v = jnp.concatenate([txt_v, v], axis=1)
+        out = dot_product_attention(q, k, v, implementation=self.attention_impl)
+        out = out.reshape(B, T + L, self.num_heads * self.head_dim)  # (B, T+L, H, Dh) -> (B, T+L, D)
+        return self.to_out(out[:, T:]), self.to_add_out(out[:, :T])
+
+
+class Flux2TransformerBlock(nnx.Module):
+    """Double-stream block: separate weights per stream, joint attention (diffusers Flux2TransformerBlock)."""
+
+    def __init__(self, dim: int, num_heads: int, head_dim: int, mlp_hidden_dim: int, *, eps: float,
+                 attention_impl: str | None, dtype, param_dtype, rngs: nnx.Rngs):
+        self.eps = eps
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.attn = Flux2Attention(dim, num_heads, head_dim, eps=eps, attention_impl=attention_impl, **kw)
+        self.ff = Flux2FeedForward(dim, mlp_hidden_dim, **kw)
+        self.ff_context = Flux2FeedForward(dim, mlp_hidden_dim, **kw)
+
+    def __call__(self, img: jax.Array, txt: jax.Array, mod_img: jax.Array, mod_txt: jax.Array,
+                 cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """img (B, L, D), txt (B, T, D), shared modulations (B, 6D) -> updated (img, txt)."""
+        (shift_msa, scale_msa, gate_msa), (shift_mlp, scale_mlp, gate_mlp) = split_modulation(mod_img, 2)
+        (c_shift_msa, c_scale_msa, c_gate_msa), (c_shift_mlp, c_scale_mlp, c_gate_mlp) = split_modulation(mod_txt, 2)
+        img_attn, txt_attn = self.attn(
+            modulate(img, shift_msa, scale_msa, self.eps), modulate(txt, c_shift_msa, c_scale_msa, self.eps), cos, sin
+        )
+        img = img + gate_msa * img_attn
+        img = img + gate_mlp * self.ff(modulate(img, shift_mlp, scale_mlp, self.eps))
+        txt = txt + c_gate_msa * txt_attn
+        txt = txt + c_gate_mlp * self.ff_context(modulate(txt, c_shift_mlp, c_scale_mlp, self.eps))
+        return img, txt
+
+
+class Flux2ParallelSelfAttention(nnx.Module):
+    """Attention and SwiGLU MLP in parallel, fused input and output projections (ViT-22B style)."""
+
+    def __init__(self, dim: int, num_heads: int, head_dim: int, mlp_hidden_dim: int, *, eps: float,
+                 attention_impl: str | None, dtype, param_dtype, rngs: nnx.Rngs):
+        self.num_heads, self.head_dim, self.mlp_hidden_dim = num_heads, head_dim, mlp_hidden_dim
+        self.attention_impl = attention_impl
+        inner = num_heads * head_dim
+        lin = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.to_qkv_mlp_proj = bias_free_linear(dim, 3 * inner + 2 * mlp_hidden_dim, **lin)  # rows: q | k | v | gate | value
+        self.norm_q = RMSNorm(head_dim, eps=eps, param_dtype=param_dtype)
+        self.norm_k = RMSNorm(head_dim, eps=eps, param_dtype=param_dtype)
+        self.to_out = bias_free_linear(inner + mlp_hidden_dim, dim, **lin)
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+        """x (B, S, D) (text then image), cos/sin (S, Dh/2) -> (B, S, D)."""
+        B, S, _ = x.shape
+        H, Dh = self.num_heads, self.head_dim
+        h = self.to_qkv_mlp_proj(x)
+        qkv, mlp = jnp.split(h, [3 * H * Dh], axis=-1)  # (B, S, 3D + 2M) -> (B, S, 3D), (B, S, 2M)
+        q, k, v = (t.reshape(B, S, H, Dh) for t in jnp.split(qkv, 3, axis=-1))  # 3 x (B, S, D) -> (B, S, H, Dh)
+        q = apply_rope(self.norm_q(q), cos, sin)
+        k = apply_rope(self.norm_k(k), cos, sin)
+        attn = dot_product_attention(q, k, v, implementation=self.attention_impl).reshape(B, S, H * Dh)
+        return self.to_out(jnp.concatenate([attn, swiglu(mlp)], axis=-1))  # (B, S, D + M) -> (B, S, D)
+
+
+class Flux2SingleTransformerBlock(nnx.Module):
+    """Single-stream block over the joint [text, image] sequence (diffusers Flux2SingleTransformerBlock)."""
+
+    def __init__(self, dim: int, num_heads: int, head_dim: int, mlp_hidden_dim: int, *, eps: float,
+                 attention_impl: str | None, dtype, param_dtype, rngs: nnx.Rngs):
+        self.eps = eps
+        self.attn = Flux2ParallelSelfAttention(dim, num_heads, head_dim, mlp_hidden_dim, eps=eps,
+                                               attention_impl=attention_impl, dtype=dtype,
+                                               param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array, mod: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+        """x (B, S, D), shared modulation (B, 3D) -> (B, S, D)."""
+        ((shift, scale, gate),) = split_modulation(mod, 1)
+        return x + gate * self.attn(modulate(x, shift, scale, self.eps), cos, sin)

@@ -1,0 +1,219 @@
+"""Building blocks of the FLUX.2 VAE, channels-last (NHWC).
+
+Ports of diffusers ResnetBlock2D (resnet.py), Downsample2D (downsampling.py), Upsample2D (upsampling.py),
+the mid-block Attention with AttnProcessor2_0 (attention_processor.py), UNetMidBlock2D, DownEncoderBlock2D,
+UpDecoderBlock2D (unets/unet_2d_blocks.py) and Encoder / Decoder (autoencoders/vae.py), as configured by
+AutoencoderKLFlux2: GroupNorm eps 1e-6 everywhere, SiLU, dropout 0, output_scale_factor 1, no time embedding.
+Attribute names mirror diffusers so that convert/keymap/vae.py is a rename table.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from klein_jax.models.layers import attention_implementation, dot_product_attention
+
+NORM_EPS = 1e-6  # diffusers Encoder/Decoder pass resnet_eps=1e-6 and GroupNorm(eps=1e-6) everywhere
+
+
+class GroupNorm(nnx.Module):
+    """torch.nn.GroupNorm(affine=True) over the last (channel) axis; statistics in fp32, cast back."""
+
+    def __init__(self, num_groups: int, num_channels: int, *, eps: float = NORM_EPS, dtype=jnp.float32,
+                 param_dtype=jnp.float32):
+        if num_channels % num_groups:
+            raise ValueError(f"GroupNorm: num_channels={num_channels} is not divisible by num_groups={num_groups}")
+        self.num_groups, self.eps, self.dtype = num_groups, eps, dtype
+        self.scale = nnx.Param(jnp.ones((num_channels,), param_dtype))
+        self.bias = nnx.Param(jnp.zeros((num_channels,), param_dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:  # (B, ..., C)
+        B, C = x.shape[0], x.shape[-1]
+        G = self.num_groups
+        x32 = x.astype(jnp.float32).reshape(B, -1, G, C // G)  # (B, ..., C) -> (B, N, G, C/G)
+        mean = jnp.mean(x32, axis=(1, 3), keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=(1, 3), keepdims=True)  # two-pass, biased, as torch
+        y = ((x32 - mean) * jax.lax.rsqrt(var + self.eps)).reshape(x.shape)  # (B, N, G, C/G) -> (B, ..., C)
+        y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+def conv2d_nhwc(cin: int, cout: int, kernel: int, *, dtype, param_dtype, rngs, strides: int = 1,
+                padding=None) -> nnx.Conv:
+    """torch Conv2d(cin, cout, kernel, padding=kernel // 2) in NHWC (explicit symmetric padding by default)."""
+    if padding is None:
+        padding = ((kernel // 2, kernel // 2), (kernel // 2, kernel // 2))
+    return nnx.Conv(cin, cout, (kernel, kernel), strides=strides, padding=padding, dtype=dtype,
+                    param_dtype=param_dtype, rngs=rngs)
+
+
+class ResnetBlock2D(nnx.Module):
+    """x + conv2(silu(norm2(conv1(silu(norm1(x)))))), with a 1x1 conv_shortcut when channels change."""
+
+    def __init__(self, cin: int, cout: int, groups: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype)
+        self.norm1 = GroupNorm(groups, cin, **kw)
+        self.conv1 = conv2d_nhwc(cin, cout, 3, rngs=rngs, **kw)
+        self.norm2 = GroupNorm(groups, cout, **kw)
+        self.conv2 = conv2d_nhwc(cout, cout, 3, rngs=rngs, **kw)
+        self.conv_shortcut = conv2d_nhwc(cin, cout, 1, rngs=rngs, **kw) if cin != cout else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:  # (B, H, W, Cin) -> (B, H, W, Cout)
+        h = self.conv1(nnx.silu(self.norm1(x)))
+        h = self.conv2(nnx.silu(self.norm2(h)))
+        shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
+        return shortcut + h
+
+
+class Downsample2D(nnx.Module):
+    """3x3 conv, stride 2, after zero padding (bottom 1, right 1): diffusers Downsample2D with padding=0."""
+
+    def __init__(self, channels: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        # F.pad(x, (0, 1, 0, 1)) then padding=0 == asymmetric conv padding ((0, 1), (0, 1))
+        self.conv = conv2d_nhwc(channels, channels, 3, strides=2, padding=((0, 1), (0, 1)), dtype=dtype,
+                          param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:  # (B, H, W, C) -> (B, H/2, W/2, C)
+        return self.conv(x)
+
+
+class Upsample2D(nnx.Module):
+    """Nearest-neighbour x2 then 3x3 conv (diffusers Upsample2D, use_conv=True, interpolate=True)."""
+
+    def __init__(self, channels: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.conv = conv2d_nhwc(channels, channels, 3, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:  # (B, H, W, C) -> (B, 2H, 2W, C)
+        B, H, W, C = x.shape
+        x = jnp.broadcast_to(x[:, :, None, :, None, :], (B, H, 2, W, 2, C))  # (B, H, 2, W, 2, C)
+        return self.conv(x.reshape(B, 2 * H, 2 * W, C))  # -> (B, 2H, 2W, C)
+
+
+class Attention(nnx.Module):
+    """Mid-block self-attention: GroupNorm, one head of width C over the H*W tokens, biases, residual."""
+
+    def __init__(self, channels: int, groups: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype)
+        self.group_norm = GroupNorm(groups, channels, **kw)
+        self.to_q = nnx.Linear(channels, channels, rngs=rngs, **kw)
+        self.to_k = nnx.Linear(channels, channels, rngs=rngs, **kw)
+        self.to_v = nnx.Linear(channels, channels, rngs=rngs, **kw)
+        self.to_out = nnx.Linear(channels, channels, rngs=rngs, **kw)  # diffusers to_out.0 (to_out.1 is dropout)
+        self.implementation = attention_implementation(dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:  # (B, H, W, C)
+        B, H, W, C = x.shape
+        h = self.group_norm(x)
+        q = self.to_q(h).reshape(B, H * W, 1, C)  # (B, H, W, C) -> (B, L, 1 head, C)
+        k = self.to_k(h).reshape(B, H * W, 1, C)
+        v = self.to_v(h).reshape(B, H * W, 1, C)
+        o = dot_product_attention(q, k, v, implementation=self.implementation)  # (B, L, 1, C), scale 1/sqrt(C)
+        o = self.to_out(o.reshape(B, H, W, C))  # (B, L, 1, C) -> (B, H, W, C)
+        return o + x
+
+
+class UNetMidBlock2D(nnx.Module):
+    """resnets[0] -> attentions[0] -> resnets[1] (attention optional: mid_block_add_attention)."""
+
+    def __init__(self, channels: int, groups: int, add_attention: bool, *, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.resnets = nnx.List([ResnetBlock2D(channels, channels, groups, **kw) for _ in range(2)])
+        self.attentions = nnx.List([Attention(channels, groups, **kw)]) if add_attention else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:  # (B, H, W, C)
+        x = self.resnets[0](x)
+        if self.attentions is not None:
+            x = self.attentions[0](x)
+        return self.resnets[1](x)
+
+
+class DownEncoderBlock2D(nnx.Module):
+    """`num_layers` resnets, then an optional stride-2 downsampler."""
+
+    def __init__(self, cin: int, cout: int, num_layers: int, groups: int, add_downsample: bool, *, dtype,
+                 param_dtype, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.resnets = nnx.List([ResnetBlock2D(cin if i == 0 else cout, cout, groups, **kw) for i in range(num_layers)])
+        self.downsamplers = nnx.List([Downsample2D(cout, **kw)]) if add_downsample else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for resnet in self.resnets:
+            x = resnet(x)
+        if self.downsamplers is not None:
+            x = self.downsamplers[0](x)
+        return x
+
+
+class UpDecoderBlock2D(nnx.Module):
+    """`num_layers` resnets, then an optional nearest x2 upsampler with a conv."""
+
+    def __init__(self, cin: int, cout: int, num_layers: int, groups: int, add_upsample: bool, *, dtype,
+                 param_dtype, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.resnets = nnx.List([ResnetBlock2D(cin if i == 0 else cout, cout, groups, **kw) for i in range(num_layers)])
+        self.upsamplers = nnx.List([Upsample2D(cout, **kw)]) if add_upsample else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for resnet in self.resnets:
+            x = resnet(x)
+        if self.upsamplers is not None:
+            x = self.upsamplers[0](x)
+        return x
+
+
+def _check_block_types(types: tuple[str, ...], allowed: str) -> None:
+    bad = [t for t in types if t != allowed]
+    if bad:
+        raise ValueError(f"block types {bad} are not supported; the FLUX.2 VAE uses only {allowed!r}")
+
+
+class Encoder(nnx.Module):
+    """Image (B, H, W, in_channels) -> moments (B, H/f, W/f, 2 * latent_channels), f = 2**(levels - 1)."""
+
+    def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
+        _check_block_types(config.down_block_types, "DownEncoderBlock2D")
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        channels, groups = config.block_out_channels, config.norm_num_groups
+        self.conv_in = conv2d_nhwc(config.in_channels, channels[0], 3, **kw)
+        self.down_blocks = nnx.List([
+            DownEncoderBlock2D(channels[max(i - 1, 0)], channels[i], config.layers_per_block, groups,
+                               add_downsample=i < len(channels) - 1, **kw)
+            for i in range(len(channels))
+        ])
+        self.mid_block = UNetMidBlock2D(channels[-1], groups, config.mid_block_add_attention, **kw)
+        self.conv_norm_out = GroupNorm(groups, channels[-1], dtype=dtype, param_dtype=param_dtype)
+        self.conv_out = conv2d_nhwc(channels[-1], 2 * config.latent_channels, 3, **kw)  # double_z: mean | logvar
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = self.conv_in(x)
+        for block in self.down_blocks:
+            x = block(x)
+        x = self.mid_block(x)
+        return self.conv_out(nnx.silu(self.conv_norm_out(x)))
+
+
+class Decoder(nnx.Module):
+    """Latent (B, h, w, latent_channels) -> image (B, f*h, f*w, out_channels); layers_per_block + 1 resnets a level."""
+
+    def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
+        _check_block_types(config.up_block_types, "UpDecoderBlock2D")
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        channels, groups = config.decoder_channels[::-1], config.norm_num_groups  # deepest level first
+        self.conv_in = conv2d_nhwc(config.latent_channels, channels[0], 3, **kw)
+        self.mid_block = UNetMidBlock2D(channels[0], groups, config.mid_block_add_attention, **kw)
+        self.up_blocks = nnx.List([
+            UpDecoderBlock2D(channels[max(i - 1, 0)], channels[i], config.layers_per_block + 1, groups,
+                             add_upsample=i < len(channels) - 1, **kw)
+            for i in range(len(channels))
+        ])
+        self.conv_norm_out = GroupNorm(groups, channels[-1], dtype=dtype, param_dtype=param_dtype)
+        self.conv_out = conv2d_nhwc(channels[-1], config.out_channels, 3, **kw)
+
+    def __call__(self, z: jax.Array) -> jax.Array:
+        x = self.conv_in(z)
+        x = self.mid_block(x)
+        for block in self.up_blocks:
+            x = block(x)
+        return self.conv_out(nnx.silu(self.conv_norm_out(x)))

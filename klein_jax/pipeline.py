@@ -1,0 +1,419 @@
+"""KleinPipeline: FLUX.2 [klein] text-to-image, edit and multi-reference generation (port of Flux2KleinPipeline).
+
+Host work (validation, tokenizing, reference preprocessing with PIL, schedules, seeds) happens in `prepare`; device
+work runs in the ahead-of-time compiled programs of klein_jax/sampler.py. `__call__` is prepare + run for a list of
+prompts; `prepare` / `run_batch` / `compile` are the batch API the server uses (a request stream on warmed-up shapes
+compiles nothing).
+
+Differences from diffusers, by design: distilled checkpoints default to 4 steps (diffusers: 50 for every klein);
+N prompts with references give N images each conditioned on the same references, and an image's noise comes from
+its own seed so that batching does not change it. With `latents=` the results match diffusers' (klein.md §5).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import PIL.Image
+
+from klein_jax import images as image_ops
+from klein_jax import latents as latent_ops
+from klein_jax.aspect_ratios import ASPECT_RATIOS, resolve_aspect_ratio
+from klein_jax.buckets import ReferenceBuckets
+from klein_jax.sampler import MAX_REFERENCES, GeneratePlan, ReferencePlan, Sampler, TextPlan, seed_key_data
+from klein_jax.scheduler import Schedule, flow_match_schedule
+
+log = logging.getLogger(__name__)
+
+DISTILLED_STEPS = 4
+BASE_STEPS = 50
+BASE_GUIDANCE_SCALE = 4.0
+MAX_SEED = 2**64 - 1
+MAX_STEPS = 1000
+OUTPUT_TYPES = ("pil", "np")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PreparedReference:
+    """One preprocessed reference: pixels (h, w, 3) float32 in [-1, 1] and the padded bucket (height, width)."""
+
+    pixels: np.ndarray
+    bucket: tuple[int, int]
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(height, width) in pixels after the area cap and crop."""
+        return self.pixels.shape[0], self.pixels.shape[1]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PreparedRequest:
+    """A validated request, ready for run_batch; requests with equal `batch_key` can share one batch."""
+
+    prompt: str
+    width: int
+    height: int
+    seed: int
+    num_steps: int
+    guidance_scale: float | None  # None: no classifier-free guidance
+    references: tuple[PreparedReference, ...] = ()
+    noise: np.ndarray | None = None  # (L, C) packed initial noise from `latents=`, in the pipeline dtype
+
+    @property
+    def batch_key(self) -> tuple:
+        """Everything that fixes the shapes and shared inputs of a batch's programs."""
+        refs = tuple((r.size, r.bucket) for r in self.references)
+        return (self.width, self.height, self.num_steps, self.guidance_scale, refs, self.noise is not None)
+
+    @property
+    def workflow(self) -> str:
+        """"text-to-image" (no reference), "edit" (1) or "multi-reference" (2-4)."""
+        return {0: "text-to-image", 1: "edit"}.get(len(self.references), "multi-reference")
+
+
+class KleinPipeline:
+    """FLUX.2 [klein] generation with ahead-of-time compiled programs (shared/spec/interfaces.md)."""
+
+    def __init__(self, transformer, vae, text_encoder, tokenizer, *, is_distilled: bool, dtype=jnp.bfloat16,
+                 name: str = "flux2-klein", is_demo: bool = False, reference_buckets: ReferenceBuckets | None = None,
+                 compilation_cache_dir: str | os.PathLike | None = None):
+        if compilation_cache_dir is not None:
+            enable_compilation_cache(compilation_cache_dir)
+        self.tokenizer = tokenizer
+        self.is_distilled = bool(is_distilled)
+        self.is_demo = bool(is_demo)
+        self.name = name
+        self.dtype = jnp.dtype(dtype)
+        self.pixels_per_token = 2 * vae.config.spatial_scale  # 16: VAE /8, then 2x2 patches
+        self.buckets = reference_buckets or ReferenceBuckets.default(self.pixels_per_token)
+        self.text_length = text_encoder.config.max_sequence_length
+        self.sampler = Sampler(transformer, vae, text_encoder, dtype=self.dtype, text_length=self.text_length,
+                               slot_tokens=self.buckets.slot_tokens)
+        self._batch_sizes: set[int] = set()
+        self._schedules: dict[tuple[int, int], Schedule] = {}
+        self._negative_embeds: jax.Array | None = None
+        self._zero_slots: dict[int, jax.Array] = {}
+        self.last_timings: dict[str, float] = {}
+
+    @classmethod
+    def from_pretrained(cls, source: str | os.PathLike, dtype: Any = "bfloat16", **kwargs) -> "KleinPipeline":
+        """Loads a klein-convert folder, a diffusers pipeline folder or a hub id (convert.components)."""
+        from convert.components import load_components
+
+        components = load_components(source, dtype)
+        return cls(components.transformer, components.vae, components.text_encoder, components.tokenizer,
+                   is_distilled=components.is_distilled, dtype=components.dtype,
+                   name=kwargs.pop("name", os.fspath(source)), **kwargs)
+
+    # ------------------------------------------------------------------------------------------- properties
+
+    @property
+    def default_steps(self) -> int:
+        """4 for distilled checkpoints, 50 for base ones."""
+        return DISTILLED_STEPS if self.is_distilled else BASE_STEPS
+
+    @property
+    def compile_count(self) -> int:
+        """Programs compiled so far by this pipeline."""
+        return self.sampler.compile_count
+
+    @property
+    def model_info(self) -> dict[str, Any]:
+        """name, dtype, is_distilled, steps (default), guidance_scale (default), is_demo."""
+        return {"name": self.name, "dtype": self.dtype.name, "is_distilled": self.is_distilled,
+                "steps": self.default_steps, "guidance_scale": None if self.is_distilled else BASE_GUIDANCE_SCALE,
+                "is_demo": self.is_demo}
+
+    # ------------------------------------------------------------------------------------------- validation
+
+    def _check_size(self, width, height) -> tuple[int, int]:
+        for name, value in (("width", width), ("height", height)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise ValueError(f"{name}={value!r} must be an integer number of pixels")
+            if value < self.pixels_per_token or value % self.pixels_per_token:
+                raise ValueError(f"{name}={value} must be a positive multiple of {self.pixels_per_token}")
+        return int(width), int(height)
+
+    def _check_prompt(self, prompt) -> str:
+        if not isinstance(prompt, str):
+            raise ValueError(f"prompt must be a str, got {type(prompt).__name__}")
+        if not prompt.strip():
+            raise ValueError("prompt is empty; give a non-empty text")
+        return prompt
+
+    def _resolve_steps(self, steps) -> int:
+        if steps is None:
+            return self.default_steps
+        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= MAX_STEPS:
+            raise ValueError(f"num_inference_steps={steps!r} must be an integer in 1..{MAX_STEPS}")
+        return int(steps)
+
+    def _resolve_guidance(self, guidance_scale) -> float | None:
+        if guidance_scale is not None and (isinstance(guidance_scale, bool) or not isinstance(
+                guidance_scale, (int, float, np.floating, np.integer)) or not math.isfinite(guidance_scale)):
+            raise ValueError(f"guidance_scale={guidance_scale!r} must be a finite number")
+        if self.is_distilled:
+            if guidance_scale is not None and guidance_scale > 1:
+                log.warning("guidance_scale %s is ignored for step-wise distilled models", guidance_scale)
+            return None
+        scale = BASE_GUIDANCE_SCALE if guidance_scale is None else float(guidance_scale)
+        return scale if scale > 1 else None  # diffusers: CFG iff guidance_scale > 1 and not is_distilled
+
+    @staticmethod
+    def _check_seed(seed) -> int:
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED:
+            raise ValueError(f"seed={seed!r} must be an integer in 0..2**64-1")
+        return int(seed)
+
+    def _prepare_references(self, images) -> tuple[PreparedReference, ...]:
+        if images is None:
+            return ()
+        if isinstance(images, PIL.Image.Image):
+            images = [images]
+        if not isinstance(images, Sequence):
+            raise ValueError(f"images must be a list of PIL images, got {type(images).__name__}")
+        pixels = image_ops.preprocess_references(images, max_images=MAX_REFERENCES,
+                                                 multiple_of=self.pixels_per_token)
+        return tuple(PreparedReference(p, self._reference_bucket(k, p.shape[0], p.shape[1]))
+                     for k, p in enumerate(pixels))
+
+    def _reference_bucket(self, index: int, height: int, width: int) -> tuple[int, int]:
+        ps = self.pixels_per_token
+        grid = self.buckets.grid_for(height // ps, width // ps)
+        if grid is None:  # outside every bucket: a program for its own shape (compiled on first use)
+            if (height // ps) * (width // ps) > self.buckets.slot_tokens:
+                raise ValueError(f"reference image {index} has {(height // ps) * (width // ps)} tokens after "
+                                 f"preprocessing; this pipeline's reference buckets hold {self.buckets.slot_tokens}")
+            log.warning("reference image %d (%dx%d) fits no reference bucket", index, width, height)
+            return height, width
+        return grid[0] * ps, grid[1] * ps
+
+    # ------------------------------------------------------------------------------------------ batch API
+
+    def prepare(self, prompt: str, images: Sequence[PIL.Image.Image] = (), width: int = 1024, height: int = 1024,
+                seed: int | None = None, *, num_inference_steps: int | None = None,
+                guidance_scale: float | None = None) -> PreparedRequest:
+        """Validates a request on the host and preprocesses its references; raises ValueError on bad input."""
+        return self._prepare(prompt, self._prepare_references(images), width, height, seed, num_inference_steps,
+                             guidance_scale)
+
+    def _prepare(self, prompt, references, width, height, seed, steps, guidance_scale, noise=None) -> PreparedRequest:
+        prompt = self._check_prompt(prompt)
+        width, height = self._check_size(width, height)
+        seed = secrets.randbelow(2**32) if seed is None else self._check_seed(seed)
+        return PreparedRequest(prompt=prompt, width=width, height=height, seed=seed,
+                               num_steps=self._resolve_steps(steps), guidance_scale=self._resolve_guidance(guidance_scale),
+                               references=tuple(references), noise=noise)
+
+    def run_batch(self, prepared: Sequence[PreparedRequest]) -> list[PIL.Image.Image]:
+        """One image per request (all with the same batch_key), padded to a compiled batch size."""
+        return image_ops.numpy_to_pil(self._run(prepared))
+
+    def compile(self, aspect_ratios: str | Sequence[str] = "all", max_references: int = MAX_REFERENCES,
+                batch_sizes: Sequence[int] = (1,)) -> int:
+        """Compiles ahead of time every program those shapes need (default steps and guidance); returns how many."""
+        names = list(ASPECT_RATIOS) if aspect_ratios == "all" else [aspect_ratios] if isinstance(
+            aspect_ratios, str) else list(aspect_ratios)
+        sizes = [resolve_aspect_ratio(n) for n in names]
+        if isinstance(max_references, bool) or not isinstance(max_references, int) or not (
+                0 <= max_references <= MAX_REFERENCES):
+            raise ValueError(f"max_references={max_references!r} must be an integer in 0..{MAX_REFERENCES}")
+        batch_sizes = sorted(set(batch_sizes))
+        if not batch_sizes or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in batch_sizes):
+            raise ValueError(f"batch_sizes={batch_sizes!r} must be positive integers")
+        before, start = self.compile_count, time.perf_counter()
+        guidance = self._resolve_guidance(None) is not None
+        plans = [TextPlan(1)] if guidance else []
+        for batch in batch_sizes:
+            plans.append(TextPlan(batch))
+            if max_references:
+                plans += [ReferencePlan(batch, (r * self.pixels_per_token, c * self.pixels_per_token))
+                          for r, c in self.buckets.grids]
+            for width, height in sizes:
+                self._check_size(width, height)
+                grid = (height // self.pixels_per_token, width // self.pixels_per_token)
+                plans += [GeneratePlan(batch, grid, tokens, self.default_steps, guidance, external_noise=False)
+                          for tokens in self.buckets.token_buckets_for(max_references)]
+        for plan in plans:
+            self.sampler.program(plan)
+        self._batch_sizes.update(batch_sizes)
+        if guidance:
+            self._negative()
+        count = self.compile_count - before
+        log.info("compile: %d programs for %s, up to %d references, batch sizes %s in %.1f s", count,
+                 ", ".join(names), max_references, batch_sizes, time.perf_counter() - start)
+        return count
+
+    # ---------------------------------------------------------------------------------------------- __call__
+
+    def __call__(self, prompt: str | Sequence[str], images: Sequence[PIL.Image.Image] | None = None,
+                 width: int = 1024, height: int = 1024, num_inference_steps: int | None = None,
+                 guidance_scale: float | None = None, seed: int | Sequence[int] | None = None,
+                 latents: np.ndarray | None = None, output_type: str = "pil",
+                 on_step: Callable[[int, int], None] | None = None):
+        """Generates one image per prompt: a list of PIL images, or float32 (B, H, W, 3) in [0, 1] for "np".
+
+        seed: one int per prompt, or one int s (prompt i gets s + i), or None (random). latents: initial noise in
+        diffusers' layout (B, 128, H/16, W/16). on_step(step, steps): runs the loop one compiled step at a time.
+        """
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type={output_type!r} is not one of {', '.join(OUTPUT_TYPES)}")
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, Sequence) else None
+        if not prompts:
+            raise ValueError(f"prompt must be a str or a non-empty list of str, got {prompt!r}")
+        prompts = [self._check_prompt(p) for p in prompts]
+        width, height = self._check_size(width, height)
+        seeds = self._seeds(seed, len(prompts))
+        noise = self._noise_from_latents(latents, len(prompts), width, height)
+        references = self._prepare_references(images)
+        prepared = [self._prepare(p, references, width, height, s, num_inference_steps, guidance_scale,
+                                  None if noise is None else noise[i])
+                    for i, (p, s) in enumerate(zip(prompts, seeds))]
+        images_np = self._run(prepared, on_step=on_step)
+        return images_np if output_type == "np" else image_ops.numpy_to_pil(images_np)
+
+    def _seeds(self, seed, count: int) -> list[int | None]:
+        if seed is None:
+            return [None] * count
+        if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
+            return [self._check_seed(seed + i) for i in range(count)]
+        seeds = list(seed)
+        if len(seeds) != count:
+            raise ValueError(f"{len(seeds)} seeds given for {count} prompts; give one per prompt")
+        return [self._check_seed(s) for s in seeds]
+
+    def _noise_from_latents(self, latents, count: int, width: int, height: int) -> np.ndarray | None:
+        """diffusers-layout noise (B, C, h, w) -> packed (B, h*w, C) in the pipeline dtype (prepare_latents)."""
+        if latents is None:
+            return None
+        latents = np.asarray(latents)
+        shape = (count, self.sampler.channels, height // self.pixels_per_token, width // self.pixels_per_token)
+        if latents.shape != shape:
+            raise ValueError(f"latents shape {latents.shape} != {shape} (B, C, H/{self.pixels_per_token}, "
+                             f"W/{self.pixels_per_token}) for {count} prompts at {width}x{height}")
+        packed = latents.astype(np.float32).transpose(0, 2, 3, 1).reshape(count, -1, shape[1])  # (B, h*w, C)
+        return packed.astype(self.dtype)  # diffusers: latents.to(dtype=prompt_embeds.dtype)
+
+    # ----------------------------------------------------------------------------------------------- running
+
+    def _batch_size(self, count: int) -> int:
+        fitting = [b for b in self._batch_sizes if b >= count]
+        return min(fitting) if fitting else count
+
+    def _run(self, prepared: Sequence[PreparedRequest], on_step=None) -> np.ndarray:
+        prepared = list(prepared)
+        if not prepared:
+            raise ValueError("run_batch needs at least one prepared request")
+        keys = {p.batch_key for p in prepared}
+        if len(keys) > 1:
+            raise ValueError(f"requests in one batch must share a batch_key; got {len(keys)} different keys")
+        largest = max(self._batch_sizes, default=len(prepared))
+        if len(prepared) > largest:  # more than the largest compiled batch: run in chunks
+            return np.concatenate([self._run(prepared[i:i + largest], on_step)
+                                   for i in range(0, len(prepared), largest)])
+        timings: dict[str, float] = {}
+        batch = self._batch_size(len(prepared))
+        rows = prepared + [prepared[0]] * (batch - len(prepared))  # padding rows repeat the first request
+        plan, inputs = self._inputs(rows, timings)
+        start = time.perf_counter()
+        if on_step is None:
+            images = np.asarray(self.sampler.generate(plan, inputs))
+        else:
+            images = np.asarray(self.sampler.generate_stepwise(plan, inputs, on_step, timings))
+        timings["denoise_decode_ms"] = 1000 * (time.perf_counter() - start)
+        self.last_timings = timings
+        return images[: len(prepared)]
+
+    def _inputs(self, rows: list[PreparedRequest], timings: dict[str, float]) -> tuple[GeneratePlan, dict]:
+        first = rows[0]
+        ps = self.pixels_per_token
+        grid = (first.height // ps, first.width // ps)
+        schedule = self._schedule(grid[0] * grid[1], first.num_steps)
+        start = time.perf_counter()
+        input_ids, attention_mask = self.tokenizer.encode([r.prompt for r in rows], max_length=self.text_length)
+        inputs: dict[str, Any] = {
+            "text_embeds": self.sampler.encode_text(input_ids, attention_mask).block_until_ready(),
+            "text_ids": latent_ops.text_ids(self.text_length),
+            "target_ids": latent_ops.latent_ids(*grid),
+            "sigmas": schedule.sigmas,
+            "timesteps": schedule.timesteps,
+        }
+        timings["text_encode_ms"] = 1000 * (time.perf_counter() - start)
+        if first.noise is not None:
+            inputs["noise"] = np.stack([r.noise for r in rows])
+        else:
+            inputs["key_data"] = np.stack([seed_key_data(r.seed) for r in rows])
+        if first.guidance_scale is not None:
+            inputs["negative_embeds"] = self._negative()
+            inputs["guidance_scale"] = np.float32(first.guidance_scale)
+        ref_tokens = 0
+        if first.references:
+            start = time.perf_counter()
+            ref_tokens = self._reference_inputs(rows, inputs)
+            timings["reference_encode_ms"] = 1000 * (time.perf_counter() - start)
+        plan = GeneratePlan(len(rows), grid, ref_tokens, first.num_steps, first.guidance_scale is not None,
+                            external_noise=first.noise is not None)
+        return plan, inputs
+
+    def _reference_inputs(self, rows: list[PreparedRequest], inputs: dict) -> int:
+        """Encodes each reference slot over the batch; fills ref_slots/index/ids/count; returns the token bucket."""
+        ps, S = self.pixels_per_token, self.sampler.slot_tokens
+        slots, index, grids = [], [], []
+        for k, ref in enumerate(rows[0].references):
+            height, width = ref.bucket
+            padded = np.zeros((len(rows), height, width, 3), np.float32)
+            for b, row in enumerate(rows):
+                h, w = row.references[k].size
+                padded[b, :h, :w] = row.references[k].pixels
+            h, w = ref.size
+            slots.append(self.sampler.encode_references(padded, np.array([h, w], np.int32)))
+            index.append(k * S + np.arange((h // ps) * (w // ps), dtype=np.int32))
+            grids.append((h // ps, w // ps))
+        slots += [self._zero_slot(len(rows))] * (MAX_REFERENCES - len(slots))
+        index = np.concatenate(index)
+        count = index.shape[0]
+        bucket = self.buckets.tokens_for(count)
+        ids = latent_ops.image_ids(grids)  # (count, 4), t = 10, 20, ... per reference
+        inputs["ref_slots"] = tuple(jax.block_until_ready(slots))
+        inputs["ref_index"] = np.pad(index, (0, bucket - count))  # padding rows gather token 0; masked as keys
+        inputs["ref_ids"] = np.pad(ids, ((0, bucket - count), (0, 0)))
+        inputs["ref_count"] = np.int32(count)
+        return bucket
+
+    def _zero_slot(self, batch: int) -> jax.Array:
+        if batch not in self._zero_slots:
+            self._zero_slots[batch] = jax.device_put(
+                np.zeros((batch, self.sampler.slot_tokens, self.sampler.channels), self.dtype))
+        return self._zero_slots[batch]
+
+    def _schedule(self, tokens: int, steps: int) -> Schedule:
+        key = (tokens, steps)
+        if key not in self._schedules:
+            self._schedules[key] = flow_match_schedule(tokens, steps)
+        return self._schedules[key]
+
+    def _negative(self) -> jax.Array:
+        """Features (1, T, joint) of the empty negative prompt "" (computed once per pipeline)."""
+        if self._negative_embeds is None:
+            input_ids, attention_mask = self.tokenizer.encode([""], max_length=self.text_length)
+            self._negative_embeds = self.sampler.encode_text(input_ids, attention_mask)
+        return self._negative_embeds
+
+
+def enable_compilation_cache(path: str | os.PathLike) -> None:
+    """Points JAX's persistent compilation cache at `path` (process-wide), so a restart loads programs from disk."""
+    from jax.experimental.compilation_cache import compilation_cache
+
+    os.makedirs(path, exist_ok=True)
+    compilation_cache.set_cache_dir(os.fspath(path))
+    log.info("persistent compilation cache: %s", path)

@@ -1,0 +1,164 @@
+"""The Quart app of shared/spec/api.md: POST /v1/generate, health, readiness, metrics and the OpenAPI document."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+import httpx
+from quart import Quart, Response, g, request
+
+from klein_jax.aspect_ratios import ASPECT_RATIOS
+from server.auth import ApiKeys
+from server.errors import RequestError, install_error_handler
+from server.fetch import ImageFetcher, Resolver
+from server.forms import read_form, validate_form
+from server.metrics import Metrics
+from server.openapi import build_openapi
+from server.service import GenerateService, workflow_name
+from server.settings import Settings
+
+log = logging.getLogger(__name__)
+access_log = logging.getLogger("server.access")
+
+_CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+_TIMING_STAGES = ("parse", "fetch", "decode", "prepare", "queue", "generate", "encode")
+
+
+def create_app(models: Mapping[str, Any], settings: Settings, *, resolver: Resolver | None = None,
+               fetch_transport: httpx.AsyncBaseTransport | None = None) -> Quart:
+    """The server app for `models` (id -> KleinPipeline-like object); the device worker starts with the app.
+
+    Args:
+      resolver: async (host, port) -> addresses for image_uris hosts; the system resolver by default.
+      fetch_transport: an httpx transport for image_uris fetches (tests); a real network transport by default.
+    """
+    if not models:
+        raise ValueError("create_app needs at least one model")
+    app = Quart(__name__, static_folder=None)
+    app.config.update(MAX_CONTENT_LENGTH=settings.max_body_bytes, MAX_FORM_PARTS=settings.max_form_parts,
+                      MAX_FORM_MEMORY_SIZE=settings.max_body_bytes)
+    metrics = Metrics()
+    fetcher = ImageFetcher(settings, resolver=resolver, transport=fetch_transport)
+    service = GenerateService(models, settings, metrics, fetcher)
+    keys = ApiKeys(settings.api_keys) if settings.auth else None
+    document = build_openapi(list(models), settings)
+    any_demo = any(getattr(pipe, "is_demo", False) for pipe in models.values())
+    app.extensions["klein"] = service
+    install_error_handler(app)
+
+    @app.before_serving
+    async def start() -> None:
+        await service.start()
+
+    @app.after_serving
+    async def stop() -> None:
+        await service.stop()
+
+    @app.before_request
+    async def begin() -> None:
+        incoming = request.headers.get("X-Request-ID", "")
+        g.request_id = incoming if _CLIENT_REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex
+        g.started_s = time.perf_counter()
+        g.timings = {}
+        g.fields = {}
+
+    @app.after_request
+    async def finish(response: Response) -> Response:
+        total_ms = (time.perf_counter() - g.get("started_s", time.perf_counter())) * 1000.0
+        response.headers["X-Request-ID"] = g.get("request_id", "-")
+        model = g.fields.get("model") if "fields" in g else None
+        if getattr(models.get(model), "is_demo", False) if model else any_demo:
+            response.headers["X-Klein-Demo"] = "true; random weights, the images are noise"
+        route = request.url_rule.rule if request.url_rule is not None else "unmatched"
+        metrics.requests.labels(route, request.method, str(response.status_code)).inc()
+        if route == "/v1/generate":
+            metrics.observe_stages({**g.get("timings", {}), "total": total_ms})
+        _log_access(response.status_code, total_ms)
+        return response
+
+    @app.get("/healthz")
+    async def healthz() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz() -> dict:
+        service.require_ready()
+        return {"status": "ready", "compiled_programs": service.compiled_programs,
+                "models": {mid: _model_info(pipe) for mid, pipe in models.items()},
+                "aspect_ratios": {name: list(ASPECT_RATIOS[name]) for name in settings.aspect_ratios}}
+
+    @app.get("/metrics")
+    async def metrics_text() -> Response:
+        body, content_type = metrics.render()
+        return Response(body, content_type=content_type)
+
+    @app.get("/openapi.json")
+    async def openapi() -> dict:
+        return document
+
+    @app.post("/v1/generate")
+    async def generate() -> Response:
+        if keys is not None:
+            keys.check(request.headers.get("Authorization"))
+        service.require_ready()
+        try:
+            with service.admission():
+                return await _generate()
+        except asyncio.CancelledError:
+            _log_access(499, (time.perf_counter() - g.started_s) * 1000.0)  # client closed the connection
+            raise
+
+    async def _generate() -> Response:
+        start = time.perf_counter()
+        fields, files = await read_form(request, settings)
+        form = validate_form(fields, files, settings, list(models))
+        g.timings["parse"] = (time.perf_counter() - start) * 1000.0
+        width, height = ASPECT_RATIOS[form.aspect_ratio]
+        g.fields.update(model=form.model, workflow=workflow_name(form.num_references), refs=form.num_references,
+                        aspect_ratio=form.aspect_ratio, resolution=f"{width}x{height}", seed=form.seed)
+        result = await service.generate(form, g.timings)
+        g.fields.update(seed=result.seed, batch_size=result.batch_size)
+        metrics.images.labels(form.model, g.fields["workflow"]).inc()
+        return Response(result.png, status=200, content_type="image/png", headers=_result_headers())
+
+    return app
+
+
+def _result_headers() -> dict[str, str]:
+    """Headers of a 200: workflow, seed, model, batch size and per-stage timings."""
+    timings = g.timings
+    headers = {
+        "X-Klein-Workflow": g.fields["workflow"],
+        "X-Klein-Seed": str(g.fields["seed"]),
+        "X-Klein-Model": g.fields["model"],
+        "X-Klein-Batch-Size": str(g.fields["batch_size"]),
+        "X-Klein-Queue-Ms": f"{timings.get('queue', 0.0):.1f}",
+        "X-Klein-Generate-Ms": f"{timings.get('generate', 0.0):.1f}",
+        "Server-Timing": ", ".join(f"{stage};dur={timings[stage]:.1f}" for stage in _TIMING_STAGES if stage in timings),
+    }
+    return headers
+
+
+def _model_info(pipe: Any) -> dict:
+    info = dict(getattr(pipe, "model_info", {}) or {})
+    info["is_demo"] = bool(getattr(pipe, "is_demo", False))
+    return json.loads(json.dumps(info, default=str))  # JSON-safe whatever the pipeline put there
+
+
+def _log_access(status: int, total_ms: float) -> None:
+    """One JSON line per request (no prompt, no key)."""
+    record = {"request_id": g.get("request_id", "-"), "method": request.method, "path": request.path,
+              "status": status, "client": request.remote_addr}
+    record.update(g.get("fields", {}))
+    record.update({f"{stage}_ms": round(ms, 1) for stage, ms in g.get("timings", {}).items()})
+    record["total_ms"] = round(total_ms, 1)
+    if "error_detail" in g:
+        record["detail"] = g.error_detail[:300]
+    access_log.info("%s", json.dumps(record, separators=(",", ":")))

@@ -1,0 +1,117 @@
+"""Server settings: one frozen dataclass that klein-serve's flags (and KLEIN_* variables) fill in."""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+
+from klein_jax.aspect_ratios import ASPECT_RATIOS, DEFAULT_ASPECT_RATIO
+
+DEFAULT_MODEL_ID = "flux2-klein-4b"
+MAX_REFERENCES = 4  # shared/spec/api.md: more than 4 reference images in total is a 422
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Settings:
+    """Everything create_app needs besides the models; defaults are klein-serve's defaults."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_keys: tuple[str, ...] = ()
+    auth: bool = True  # False only with --no-auth
+    timeout_s: float = 120.0  # queue wait + generation
+    max_queue: int = 64  # requests waiting for the device
+    max_batch: int = 4
+    batch_wait_ms: float = 5.0  # how long a batch waits for more requests with the same shape
+    aspect_ratios: tuple[str, ...] = tuple(ASPECT_RATIOS)
+    max_body_bytes: int = 64 * 1024 * 1024
+    max_form_parts: int = 32
+    max_image_bytes: int = 16 * 1024 * 1024  # per image: upload, fetched body or decoded data: URI
+    max_image_pixels: int = 4096 * 4096
+    max_prompt_chars: int = 20_000
+    fetch_timeout_s: float = 10.0  # per image_uris entry, redirects included
+    max_redirects: int = 3
+    allow_hosts: tuple[str, ...] = ()  # host names image_uris may fetch whatever they resolve to
+    allow_networks: tuple[IPNetwork, ...] = ()  # addresses image_uris may connect to even if private
+    png_compress_level: int = 1  # zlib level: 1 encodes a 1 MP image in ~20 ms, 6 takes ~4x longer
+    retry_after_s: int = 1  # Retry-After of a 503 for a full queue
+    retry_after_not_ready_s: int = 5  # Retry-After of a 503 while programs compile
+
+    def __post_init__(self):
+        for name in ("max_queue", "max_batch", "max_body_bytes", "max_form_parts", "max_image_bytes",
+                     "max_image_pixels", "max_prompt_chars"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
+        for name in ("timeout_s", "fetch_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be positive")
+        if self.batch_wait_ms < 0 or self.max_redirects < 0:
+            raise ValueError(f"batch_wait_ms={self.batch_wait_ms} and max_redirects={self.max_redirects} must be >= 0")
+        if not self.aspect_ratios:
+            raise ValueError("aspect_ratios is empty; enable at least one of " + ", ".join(ASPECT_RATIOS))
+        unknown = [name for name in self.aspect_ratios if name not in ASPECT_RATIOS]
+        if unknown:
+            raise ValueError(f"aspect ratio(s) {', '.join(unknown)} not one of {', '.join(ASPECT_RATIOS)}")
+        if self.auth and not self.api_keys:
+            raise ValueError("no API key configured: set KLEIN_API_KEYS or KLEIN_API_KEYS_FILE, or pass --no-auth")
+        if not 0 <= self.png_compress_level <= 9:
+            raise ValueError(f"png_compress_level={self.png_compress_level} must be in 0..9")
+
+    @property
+    def default_aspect_ratio(self) -> str:
+        """The aspect ratio of a request that names none (the contract's default)."""
+        return DEFAULT_ASPECT_RATIO
+
+    @property
+    def batch_sizes(self) -> tuple[int, ...]:
+        """Batch sizes to compile: powers of two below max_batch, and max_batch itself."""
+        sizes = {self.max_batch}
+        size = 1
+        while size < self.max_batch:
+            sizes.add(size)
+            size *= 2
+        return tuple(sorted(sizes))
+
+    @property
+    def capacity(self) -> int:
+        """Requests admitted at once: the queue plus the batch on the device; past it, 503."""
+        return self.max_queue + self.max_batch
+
+    @property
+    def base_url(self) -> str:
+        """http://host:port as a client on this machine would write it."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+
+def parse_aspect_ratios(value: str) -> tuple[str, ...]:
+    """'all' or a comma-separated list of aspect-ratio names -> tuple of names (ValueError on unknown names)."""
+    if value.strip() == "all":
+        return tuple(ASPECT_RATIOS)
+    names = tuple(dict.fromkeys(part.strip() for part in value.split(",") if part.strip()))
+    unknown = [name for name in names if name not in ASPECT_RATIOS]
+    if unknown or not names:
+        raise ValueError(f"aspect ratios {value!r}: use 'all' or names from {', '.join(ASPECT_RATIOS)}")
+    return names
+
+
+def parse_networks(values: list[str]) -> tuple[IPNetwork, ...]:
+    """CIDR strings (or single addresses), each possibly comma-separated -> networks (ValueError if malformed)."""
+    networks = []
+    for value in values:
+        for part in filter(None, (p.strip() for p in value.split(","))):
+            try:
+                networks.append(ipaddress.ip_network(part, strict=False))
+            except ValueError:
+                raise ValueError(f"network {part!r} is not an IP address or CIDR block such as 10.0.0.0/8") from None
+    return tuple(networks)
+
+
+def parse_hosts(values: list[str]) -> tuple[str, ...]:
+    """Host names (each possibly comma-separated) -> lowercase names; '.example.com' allows every subdomain."""
+    hosts = []
+    for value in values:
+        hosts.extend(p.strip().lower().rstrip(".") for p in value.split(",") if p.strip())
+    return tuple(hosts)

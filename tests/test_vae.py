@@ -1,0 +1,203 @@
+"""Flux2VAE (NHWC) against diffusers AutoencoderKLFlux2 and Flux2KleinPipeline's latent paths, float32 on CPU."""
+
+import types
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline
+from flax import nnx
+
+from conftest import assert_close
+from convert.keymap.vae import vae_rules
+from convert.mapping import WeightMappingError, expected_params, load_module, map_weights
+from convert.sources import ShardedCheckpoint
+from klein_jax import latents as L
+from klein_jax.configs import FLUX2_VAE, VAEConfig
+from klein_jax.models.vae import Flux2VAE
+
+REL = 1e-5
+
+# Tiny diffusers configs with odd block counts; each key is a test id.
+def _levels(n: int) -> dict:
+    return dict(down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n)
+
+
+TINY_CONFIGS = {
+    # 2 levels (factor 2), 1 resnet per encoder level (2 per decoder level), GroupNorm of 4 groups
+    "levels2_lpb1_g4": dict(**_levels(2), block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, latent_channels=4),
+    # 3 levels (factor 4), 3 (4) resnets a level, 8 groups, a decoder wider than the encoder
+    "levels3_lpb3_g8": dict(**_levels(3), block_out_channels=(8, 16, 16), decoder_block_out_channels=(16, 16, 24),
+                            layers_per_block=3, norm_num_groups=8, latent_channels=8),
+    # optional layers off: no mid attention, no quant convs
+    "levels2_bare": dict(**_levels(2), block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, latent_channels=4,
+                         mid_block_add_attention=False, use_quant_conv=False, use_post_quant_conv=False),
+}
+
+
+def _randomise(ref: AutoencoderKLFlux2) -> None:
+    """GroupNorm affines and BN statistics away from their identity init, so that a swapped mapping shows."""
+    g = torch.Generator().manual_seed(1)
+    for module in ref.modules():
+        if isinstance(module, torch.nn.GroupNorm):
+            module.weight.data = 1 + 0.2 * torch.randn(module.weight.shape, generator=g)
+            module.bias.data = 0.2 * torch.randn(module.bias.shape, generator=g)
+    ref.bn.running_mean.data = 0.5 * torch.randn(ref.bn.running_mean.shape, generator=g)
+    ref.bn.running_var.data = torch.rand(ref.bn.running_var.shape, generator=g) * 2 + 0.05
+    ref.bn.num_batches_tracked.fill_(7)
+
+
+@pytest.fixture(scope="module", params=list(TINY_CONFIGS))
+def pair(request, tmp_path_factory):
+    """(diffusers reference, our model loaded from its save_pretrained folder, our config)."""
+    torch.manual_seed(0)
+    ref = AutoencoderKLFlux2(**TINY_CONFIGS[request.param]).eval()
+    _randomise(ref)
+    folder = tmp_path_factory.mktemp(request.param)
+    ref.save_pretrained(folder)
+    config = VAEConfig.from_json(folder / "config.json")
+    ours = load_module(lambda: Flux2VAE(config, rngs=nnx.Rngs(0)), ShardedCheckpoint(folder), vae_rules(config))
+    return ref, ours, config
+
+
+def _images(shape, seed=0) -> np.ndarray:
+    return np.random.default_rng(seed).uniform(-1, 1, shape).astype(np.float32)
+
+
+def _nchw(x: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+
+
+def _nhwc(t: torch.Tensor) -> np.ndarray:
+    return t.detach().permute(0, 2, 3, 1).numpy()
+
+
+def _ref_encode_packed(ref, images: np.ndarray) -> np.ndarray:
+    """Flux2KleinPipeline._encode_vae_image itself, run on a stand-in `self` that has only the VAE."""
+    fake_pipe = types.SimpleNamespace(vae=ref, _patchify_latents=Flux2KleinPipeline._patchify_latents)
+    with torch.no_grad():
+        return _nhwc(Flux2KleinPipeline._encode_vae_image(fake_pipe, _nchw(images), generator=None))
+
+
+def _ref_decode_tokens(ref, tokens: np.ndarray, h: int, w: int) -> np.ndarray:
+    """The end of Flux2KleinPipeline.__call__: packed tokens (B, h*w, 4C) -> images, with its static helpers."""
+    ids = torch.from_numpy(np.stack([L.latent_ids(h, w)] * tokens.shape[0])).long()
+    pipe = Flux2KleinPipeline
+    with torch.no_grad():
+        latents = pipe._unpack_latents_with_ids(torch.from_numpy(np.array(tokens)), ids, h, w)
+        mean = ref.bn.running_mean.view(1, -1, 1, 1).to(latents.device, latents.dtype)
+        std = torch.sqrt(ref.bn.running_var.view(1, -1, 1, 1) + ref.config.batch_norm_eps).to(latents.dtype)
+        latents = pipe._unpatchify_latents(latents * std + mean)
+        return _nhwc(ref.decode(latents, return_dict=False)[0])
+
+
+def test_loaded_config_and_variables(pair):
+    ref, ours, config = pair
+    assert config.block_out_channels == tuple(ref.config.block_out_channels)
+    stats = nnx.state(ours, nnx.BatchStat)
+    np.testing.assert_array_equal(np.asarray(stats["bn"]["running_mean"][...]), ref.bn.running_mean.numpy())
+    np.testing.assert_array_equal(np.asarray(stats["bn"]["running_var"][...]), ref.bn.running_var.numpy())
+    n_ours = sum(int(np.prod(s)) for s, _ in expected_params(ours).values())
+    n_ref = sum(t.numel() for name, t in ref.state_dict().items() if name != "bn.num_batches_tracked")
+    assert n_ours == n_ref
+
+
+def test_encode_matches_diffusers(pair):
+    ref, ours, config = pair
+    images = _images((2, 96, 160, 3))  # non-square
+    with torch.no_grad():
+        want = _nhwc(ref.encode(_nchw(images)).latent_dist.mode())
+    got = ours.encode(jnp.asarray(images))
+    f = config.spatial_scale
+    assert got.shape == (2, 96 // f, 160 // f, config.latent_channels)
+    assert_close(got, want, rel=REL, name="encode mean")
+
+
+def test_decode_matches_diffusers(pair):
+    ref, ours, config = pair
+    z = np.random.default_rng(3).standard_normal((2, 12, 20, config.latent_channels)).astype(np.float32)
+    with torch.no_grad():
+        want = _nhwc(ref.decode(_nchw(z)).sample)
+    got = ours.decode(jnp.asarray(z))
+    f = config.spatial_scale
+    assert got.shape == (2, 12 * f, 20 * f, 3)
+    assert_close(got, want, rel=REL, name="decode")
+
+
+def test_packed_paths_match_pipeline(pair):
+    ref, ours, config = pair
+    images = _images((1, 96, 160, 3), seed=4)
+    want = _ref_encode_packed(ref, images)
+    packed = ours.encode_packed(jnp.asarray(images))
+    f = 2 * config.spatial_scale
+    assert packed.shape == (1, 96 // f, 160 // f, config.packed_channels)
+    assert_close(packed, want, rel=REL, name="encode_packed")
+    h, w = packed.shape[1:3]
+    tokens = np.asarray(L.pack_latents(packed))  # what the transformer sees: (1, h*w, 4C)
+    want_images = _ref_decode_tokens(ref, tokens, h, w)
+    got_images = ours.decode_packed(L.unpack_latents(jnp.asarray(tokens), h, w))
+    assert got_images.shape == images.shape
+    assert_close(got_images, want_images, rel=REL, name="pixels -> packed -> pixels")
+
+
+def test_smallest_sizes(pair):
+    ref, ours, config = pair
+    f = config.spatial_scale
+    images = _images((1, f, f, 3), seed=5)  # smallest encode: one latent pixel
+    with torch.no_grad():
+        want = _nhwc(ref.encode(_nchw(images)).latent_dist.mode())
+    assert_close(ours.encode(jnp.asarray(images)), want, rel=REL, name="encode at the smallest size")
+    images = _images((1, 2 * f, 2 * f, 3), seed=6)  # smallest packed: one token
+    packed = ours.encode_packed(jnp.asarray(images))
+    assert packed.shape == (1, 1, 1, config.packed_channels)
+    assert_close(packed, _ref_encode_packed(ref, images), rel=REL, name="encode_packed at the smallest size")
+    want_images = _ref_decode_tokens(ref, np.asarray(L.pack_latents(packed)), 1, 1)
+    assert_close(ours.decode_packed(packed), want_images, rel=REL, name="decode_packed at the smallest size")
+
+
+def test_shape_errors(pair):
+    _, ours, config = pair
+    f = config.spatial_scale
+    with pytest.raises(ValueError, match="rank 3"):
+        ours.encode(jnp.zeros((4 * f, 4 * f, 3)))
+    with pytest.raises(ValueError, match="must have 3 channels"):
+        ours.encode(jnp.zeros((1, 3, 4 * f, 4 * f)))  # NCHW by mistake
+    with pytest.raises(ValueError, match=f"multiples of {f}; got {4 * f + 1}x{4 * f}"):
+        ours.encode(jnp.zeros((1, 4 * f + 1, 4 * f, 3)))
+    with pytest.raises(ValueError, match=f"multiples of {2 * f}; got {3 * f}x{4 * f}"):
+        ours.encode_packed(jnp.zeros((1, 3 * f, 4 * f, 3)))
+    with pytest.raises(ValueError, match=f"must have {config.latent_channels} channels"):
+        ours.decode(jnp.zeros((1, 2, 2, config.latent_channels + 1)))
+    with pytest.raises(ValueError, match=f"must have {config.packed_channels} channels"):
+        ours.decode_packed(jnp.zeros((1, 2, 2, config.latent_channels)))
+    with pytest.raises(ValueError, match="rank 5"):
+        ours.decode_packed(jnp.zeros((1, 1, 2, 2, config.packed_channels)))
+
+
+def test_weights_of_another_config_are_rejected(pair, tmp_path):
+    ref, _, config = pair
+    other = VAEConfig(**{**config.to_dict(), "layers_per_block": config.layers_per_block + 1})
+    with pytest.raises(WeightMappingError, match="missing weights"):
+        load_module(lambda: Flux2VAE(other, rngs=nnx.Rngs(0)),
+                    {k: v.numpy() for k, v in ref.state_dict().items()}, vae_rules(other))
+
+
+class _ZeroTensors(dict):
+    """name -> read-only zero array of the reference's shape, without allocating (meta-device model)."""
+
+    def __getitem__(self, name):
+        return np.broadcast_to(np.float32(0), super().__getitem__(name))
+
+
+def test_real_flux2_vae_layout_maps_completely():
+    """Every tensor of the real-size diffusers VAE (built on the meta device) maps with the right shape."""
+    with torch.device("meta"):
+        ref = AutoencoderKLFlux2()
+    assert VAEConfig.from_dict(dict(ref.config)) == FLUX2_VAE
+    shapes = _ZeroTensors({name: tuple(t.shape) for name, t in ref.state_dict().items()})
+    abstract = nnx.eval_shape(lambda: Flux2VAE(FLUX2_VAE, rngs=nnx.Rngs(0)))
+    mapped = map_weights(shapes, vae_rules(FLUX2_VAE), expected_params(abstract))
+    assert sum(int(np.prod(a.shape)) for a in mapped.values()) == 84_046_371  # klein.md §1.4, less the BN counter
+    assert mapped[("decoder", "mid_block", "attentions", 0, "to_out", "kernel")].shape == (512, 512)
+    assert mapped[("encoder", "down_blocks", 0, "downsamplers", 0, "conv", "kernel")].shape == (3, 3, 128, 128)
