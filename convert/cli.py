@@ -108,6 +108,7 @@ def convert(source: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "
     configs = {name: src.config(name) for name in COMPONENTS}
     counts = {name: check_component(src, name, configs[name], dtype) for name in COMPONENTS}
     scheduler_config, tokenizer_folder = src.scheduler_config, src.tokenizer_folder
+    src.tokenizer()  # it must load, not only exist
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"

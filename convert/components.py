@@ -262,6 +262,14 @@ class Source:
             raise ConversionError(f"tokenizer folder not found: {folder}")
         return folder
 
+    def tokenizer(self) -> PromptTokenizer:
+        """The prompt tokenizer of the tokenizer/ folder."""
+        folder = self.tokenizer_folder
+        try:
+            return PromptTokenizer.from_folder(folder)
+        except (OSError, ValueError) as e:
+            raise ConversionError(f"tokenizer {folder}: {e}") from None
+
 
 def _kept_by(rules: tuple[KeyRule, ...]) -> Callable[[str], bool]:
     """Predicate: is this source key read (matched by a rule with a target) or unknown (so that it is reported)?"""
@@ -384,7 +392,7 @@ def load_components(source: str | os.PathLike, dtype: Any = "bfloat16", *,
     dtype = parse_dtype(dtype)
     src = open_source(source, transformer_file=transformer_file, revision=revision)
     configs = {name: src.config(name) for name in COMPONENTS}
-    tokenizer = PromptTokenizer.from_folder(src.tokenizer_folder)
+    tokenizer = src.tokenizer()
     modules = {}
     for name in COMPONENTS:
         start = time.perf_counter()

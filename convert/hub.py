@@ -48,7 +48,8 @@ def _snapshot(repo_id: str, patterns: list[str], revision: str | None) -> pathli
         return pathlib.Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
     except (OSError, ValueError) as e:  # huggingface_hub errors derive from these (HTTP, offline, bad id)
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise HubError(f"could not download {repo_id!r} from the Hugging Face hub: {first_line}") from None
+        raise HubError(f"could not download {repo_id!r} from the Hugging Face hub (and no local folder of that name "
+                       f"exists): {first_line}") from None
 
 
 def weight_patterns(folder: pathlib.Path, components: tuple[str, ...],

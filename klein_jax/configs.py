@@ -212,6 +212,8 @@ class TextEncoderConfig:
         """From a transformers Qwen3 config.json; rejects features this port does not implement."""
         if data.get("hidden_act", "silu") != "silu":
             raise ValueError(f"hidden_act={data['hidden_act']!r}: only 'silu' is supported")
+        if data.get("use_sliding_window", False):
+            raise ValueError("use_sliding_window=True is not supported (Qwen3-4B/8B use full attention)")
         if data.get("attention_bias", False):
             raise ValueError("attention_bias=True is not supported (Qwen3 has none)")
         rope = data.get("rope_parameters") or data.get("rope_scaling") or {}

@@ -272,6 +272,10 @@ def test_missing_shard_and_config(tiny, tmp_path, capsys):
     src = _copy_src(tiny, tmp_path)
     (src / "vae" / "config.json").unlink()
     _fails([str(src), str(tmp_path / "out")], capsys, "not found", "config.json")
+    shutil.rmtree(src)
+    src = _copy_src(tiny, tmp_path)
+    shutil.rmtree(src / "tokenizer")
+    _fails([str(src), str(tmp_path / "out")], capsys, "tokenizer folder not found")
 
 
 def test_unexpected_key_listed(tiny, tmp_path, capsys):

@@ -109,7 +109,7 @@ def test_matches_diffusers_float32(case):
     print(f"{case['name']}: float32 max rel err {err:.2e}")
 
 
-BF16_CASES = ["b_T13_refs", "c_T13_refs"]  # two of the three, to keep the file fast
+BF16_CASES = ["b_T13_refs"]  # one case: a bf16 compile takes ~10 s on this CPU
 
 
 @pytest.fixture(scope="module")

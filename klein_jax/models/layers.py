@@ -35,6 +35,11 @@ def attention_implementation(dtype) -> str | None:
     return None
 
 
-def dot_product_attention(q, k, v, *, mask=None, is_causal: bool = False, implementation: str | None = None):
-    """Softmax attention on (B, S, H, Dh) tensors, scale 1/sqrt(Dh); softmax in fp32 as SDPA does."""
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, implementation=implementation)
+def dot_product_attention(q, k, v, *, mask=None, is_causal: bool = False, implementation: str | None = None,
+                          key_value_seq_lengths=None):
+    """Softmax attention on (B, S, H, Dh) tensors, scale 1/sqrt(Dh); softmax in fp32 as SDPA does.
+
+    key_value_seq_lengths (B,) int32: only the first n keys of row b are attended (padding at the end).
+    """
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, implementation=implementation,
+                                        key_value_seq_lengths=key_value_seq_lengths)

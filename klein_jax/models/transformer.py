@@ -4,9 +4,10 @@ Forward pass of klein.md §2: timestep embedding -> three shared modulations -> 
 blocks (joint attention, text first) -> single-stream blocks on [text, image] -> AdaLN output (scale, shift) ->
 proj_out. Guidance embedding and the KV-cache modes of diffusers are not ported (klein has neither in this path).
 
-Precision follows diffusers' cast order: the timestep is cast to the compute dtype and multiplied by 1000 there, the
-sinusoid and RoPE tables are float32, LayerNorm/RMSNorm statistics and RoPE rotation run in float32, everything else
-(matmuls, modulation arithmetic, residuals) runs in `dtype`.
+Precision follows diffusers' cast order: the timestep is cast to the compute dtype and multiplied by 1000 there
+(rounded explicitly, see round_to_dtype: in bf16 sigma 0.73 embeds as 732, as in diffusers), the sinusoid and RoPE
+tables are float32, LayerNorm/RMSNorm statistics and RoPE rotation run in float32, everything else (matmuls,
+modulation arithmetic, residuals) runs in `dtype`.
 """
 
 from __future__ import annotations
@@ -142,11 +143,13 @@ class Flux2Transformer(nnx.Module):
         return self.time_guidance_embed(round_to_dtype(sigma * 1000, self.dtype).astype(self.dtype))
 
     def __call__(self, hidden_states: jax.Array, encoder_hidden_states: jax.Array, timestep: jax.Array,
-                 img_ids: jax.Array, txt_ids: jax.Array) -> jax.Array:
+                 img_ids: jax.Array, txt_ids: jax.Array, kv_lengths: jax.Array | None = None) -> jax.Array:
         """Velocity (B, L, C_out) from latents (B, L, C_in), text features (B, T, joint), sigma (B,) in [0, 1].
 
         img_ids (L, 4) and txt_ids (T, 4) are (t, h, w, l) positions shared by the batch; as in diffusers, 3-D ids
-        (B, S, 4) are accepted and only batch row 0 is used.
+        (B, S, 4) are accepted and only batch row 0 is used. kv_lengths (B,) int32, optional: only the first
+        kv_lengths[b] tokens of the joint [text, image] sequence are attention keys, so image tokens padded at the
+        end change no other token (their own outputs are meaningless).
         """
         img_ids = img_ids[0] if img_ids.ndim == 3 else img_ids
         txt_ids = txt_ids[0] if txt_ids.ndim == 3 else txt_ids
@@ -159,8 +162,8 @@ class Flux2Transformer(nnx.Module):
         txt = self.context_embedder(encoder_hidden_states.astype(self.dtype))  # (B, T, D)
         cos, sin = self.rope(img_ids, txt_ids)
         for block in self.transformer_blocks:
-            img, txt = block(img, txt, mod_img, mod_txt, cos, sin)
+            img, txt = block(img, txt, mod_img, mod_txt, cos, sin, kv_lengths)
         x = jnp.concatenate([txt, img], axis=1)  # (B, T+L, D), text first
         for block in self.single_transformer_blocks:
-            x = block(x, mod_single, cos, sin)
+            x = block(x, mod_single, cos, sin, kv_lengths)
         return self.proj_out(self.norm_out(x[:, T:], temb))  # drop text tokens -> (B, L, C_out)

@@ -69,8 +69,12 @@ class Flux2Attention(nnx.Module):
         B, S, _ = x.shape
         return x.reshape(B, S, self.num_heads, self.head_dim)  # (B, S, H*Dh) -> (B, S, H, Dh)
 
-    def __call__(self, img: jax.Array, txt: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """img (B, L, D), txt (B, T, D), cos/sin (T+L, Dh/2) -> attention outputs (B, L, D), (B, T, D)."""
+    def __call__(self, img: jax.Array, txt: jax.Array, cos: jax.Array, sin: jax.Array,
+                 kv_lengths: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """img (B, L, D), txt (B, T, D), cos/sin (T+L, Dh/2) -> attention outputs (B, L, D), (B, T, D).
+
+        kv_lengths (B,): keys past kv_lengths[b] in the joint [text, image] sequence are not attended (padding).
+        """
         B, L, _ = img.shape
         T = txt.shape[1]
         # diffusers applies the QK RMSNorm per stream before RoPE; order matters for parity
@@ -83,7 +87,7 @@ class Flux2Attention(nnx.Module):
         q = apply_rope(jnp.concatenate([txt_q, q], axis=1), cos, sin)  # (B, T+L, H, Dh), text first
         k = apply_rope(jnp.concatenate([txt_k, k], axis=1), cos, sin)
         v = jnp.concatenate([txt_v, v], axis=1)
-        out = dot_product_attention(q, k, v, implementation=self.attention_impl)
+        out = dot_product_attention(q, k, v, implementation=self.attention_impl, key_value_seq_lengths=kv_lengths)
         out = out.reshape(B, T + L, self.num_heads * self.head_dim)  # (B, T+L, H, Dh) -> (B, T+L, D)
         return self.to_out(out[:, T:]), self.to_add_out(out[:, :T])
 
@@ -100,12 +104,13 @@ class Flux2TransformerBlock(nnx.Module):
         self.ff_context = Flux2FeedForward(dim, mlp_hidden_dim, **kw)
 
     def __call__(self, img: jax.Array, txt: jax.Array, mod_img: jax.Array, mod_txt: jax.Array,
-                 cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array]:
+                 cos: jax.Array, sin: jax.Array, kv_lengths: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
         """img (B, L, D), txt (B, T, D), shared modulations (B, 6D) -> updated (img, txt)."""
         (shift_msa, scale_msa, gate_msa), (shift_mlp, scale_mlp, gate_mlp) = split_modulation(mod_img, 2)
         (c_shift_msa, c_scale_msa, c_gate_msa), (c_shift_mlp, c_scale_mlp, c_gate_mlp) = split_modulation(mod_txt, 2)
         img_attn, txt_attn = self.attn(
-            modulate(img, shift_msa, scale_msa, self.eps), modulate(txt, c_shift_msa, c_scale_msa, self.eps), cos, sin
+            modulate(img, shift_msa, scale_msa, self.eps), modulate(txt, c_shift_msa, c_scale_msa, self.eps), cos, sin,
+            kv_lengths,
         )
         img = img + gate_msa * img_attn
         img = img + gate_mlp * self.ff(modulate(img, shift_mlp, scale_mlp, self.eps))
@@ -128,8 +133,8 @@ class Flux2ParallelSelfAttention(nnx.Module):
         self.norm_k = RMSNorm(head_dim, eps=eps, param_dtype=param_dtype)
         self.to_out = bias_free_linear(inner + mlp_hidden_dim, dim, **lin)
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-        """x (B, S, D) (text then image), cos/sin (S, Dh/2) -> (B, S, D)."""
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, kv_lengths: jax.Array | None = None) -> jax.Array:
+        """x (B, S, D) (text then image), cos/sin (S, Dh/2) -> (B, S, D); kv_lengths (B,) masks padded keys."""
         B, S, _ = x.shape
         H, Dh = self.num_heads, self.head_dim
         h = self.to_qkv_mlp_proj(x)
@@ -137,7 +142,8 @@ class Flux2ParallelSelfAttention(nnx.Module):
         q, k, v = (t.reshape(B, S, H, Dh) for t in jnp.split(qkv, 3, axis=-1))  # 3 x (B, S, D) -> (B, S, H, Dh)
         q = apply_rope(self.norm_q(q), cos, sin)
         k = apply_rope(self.norm_k(k), cos, sin)
-        attn = dot_product_attention(q, k, v, implementation=self.attention_impl).reshape(B, S, H * Dh)
+        attn = dot_product_attention(q, k, v, implementation=self.attention_impl, key_value_seq_lengths=kv_lengths)
+        attn = attn.reshape(B, S, H * Dh)
         return self.to_out(jnp.concatenate([attn, swiglu(mlp)], axis=-1))  # (B, S, D + M) -> (B, S, D)
 
 
@@ -151,7 +157,8 @@ class Flux2SingleTransformerBlock(nnx.Module):
                                                attention_impl=attention_impl, dtype=dtype,
                                                param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x: jax.Array, mod: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, mod: jax.Array, cos: jax.Array, sin: jax.Array,
+                 kv_lengths: jax.Array | None = None) -> jax.Array:
         """x (B, S, D), shared modulation (B, 3D) -> (B, S, D)."""
         ((shift, scale, gate),) = split_modulation(mod, 1)
-        return x + gate * self.attn(modulate(x, shift, scale, self.eps), cos, sin)
+        return x + gate * self.attn(modulate(x, shift, scale, self.eps), cos, sin, kv_lengths)

@@ -1,0 +1,259 @@
+"""Contract tests of shared/spec/api.md against the real server in a subprocess.
+
+One `python -m server` on a loopback port serves the --demo model (as flux2-klein-4b) and a tiny model converted
+with klein-convert (as "tiny"), with API keys from KLEIN_API_KEYS and 127.0.0.2/32 allow-listed for the test's
+image server. Traffic only ever goes to loopback addresses: the SSRF cases must be refused before connecting, and
+trap servers on 127.0.0.1 and ::1 assert that no request reached them. The 500 and 504 rows need a failing or
+slow model and are covered in-process by test_server_app.py.
+"""
+
+from __future__ import annotations
+
+import base64
+import importlib.util
+import json
+import re
+
+import httpx
+import pytest
+from server_support import REPO, RecordingServer, ServerProcess, bomb_png, data_uri, decode_png, png_bytes
+
+from klein_jax.aspect_ratios import ASPECT_RATIOS
+
+KEY = "contract-key"
+MAX_QUEUE, MAX_BATCH = 4, 2
+RED, BLUE = png_bytes(size=(128, 96), color=(230, 20, 20)), png_bytes(size=(96, 128), color=(20, 20, 230))
+GREEN = png_bytes(size=(64, 64), color=(20, 230, 20))
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A random tiny diffusers pipeline (16 px per token, like the real VAE), converted by klein-convert."""
+    from convert.cli import main as convert_main
+    from klein_jax.demo import DEMO_VAE
+    from tiny_pipeline import make_tiny_diffusers_pipeline
+
+    root = tmp_path_factory.mktemp("tiny")
+    source = make_tiny_diffusers_pipeline(root / "diffusers", vae_config=DEMO_VAE)
+    assert convert_main([str(source), str(root / "converted"), "--dtype", "float32", "--no-progress"]) == 0
+    return root / "converted"
+
+
+@pytest.fixture(scope="module")
+def images():
+    """Loopback servers: allow-listed images on 127.0.0.2, traps on 127.0.0.1 and ::1."""
+    trap, trap6, good = RecordingServer("127.0.0.1"), RecordingServer("::1"), RecordingServer("127.0.0.2")
+    trap.routes["/red.png"] = trap6.routes["/red.png"] = (200, {}, RED)
+    good.routes.update({"/red.png": (200, {}, RED), "/blue.png": (200, {}, BLUE),
+                        "/to-loopback": (302, {"Location": trap.url("/red.png")}, b""),
+                        "/bomb.png": (200, {}, bomb_png()), "/notes.txt": (200, {}, b"plain text")})
+    yield {"trap": trap, "trap6": trap6, "good": good}
+    for server in (trap, trap6, good):
+        server.close()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model, images, tmp_path_factory):
+    process = ServerProcess(
+        ["--demo", "--model", f"tiny={tiny_model}", "--dtype", "float32", "--max-queue", str(MAX_QUEUE),
+         "--max-batch", str(MAX_BATCH), "--allow-networks", "127.0.0.2/32", "--max-body-bytes", str(2 * 2**20),
+         "--max-image-bytes", str(2**20), "--max-image-pixels", str(2048 * 2048), "--fetch-timeout-s", "10"],
+        tmp_path_factory.mktemp("server"), env={"KLEIN_API_KEYS": f"{KEY},second-key"})
+    process.early_answers = process.wait_ready()
+    yield process
+    assert process.stop() == 0, process.stderr()[-2000:]
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(base_url=server.base_url, timeout=120, trust_env=False) as client:
+        yield client
+
+
+def generate(http, fields=None, files=(), key=KEY, headers=None):
+    headers = {**({"Authorization": f"Bearer {key}"} if key else {}), **(headers or {})}
+    fields = {"prompt": "a lighthouse at dusk", **(fields or {})}
+    files = [("images", (f"ref{i}.png", data, "image/png")) for i, data in enumerate(files)] or None
+    return http.post("/v1/generate", data=fields, files=files, headers=headers)
+
+
+def detail(response, status):
+    assert response.status_code == status, (response.status_code, response.text[:300])
+    assert response.headers["content-type"] == "application/json"
+    body = response.json()
+    assert list(body) == ["detail"] and body["detail"] and "Traceback" not in body["detail"]
+    assert response.headers["x-request-id"]
+    return body["detail"]
+
+
+def png_size(response) -> tuple[int, int]:
+    assert response.status_code == 200, response.text[:300]
+    assert response.headers["content-type"] == "image/png"
+    return decode_png(response.content).size
+
+
+# ---- start-up ----
+
+def test_not_ready_answers_and_ready_line(server, http):
+    for answer in server.early_answers[:-1]:  # 503s while compiling, if the poll was early enough to see one
+        assert answer.status_code == 503 and answer.headers["retry-after"]
+        assert list(answer.json()) == ["detail"]
+    ready = http.get("/readyz").json()
+    assert ready["status"] == "ready" and set(ready["models"]) == {"flux2-klein-4b", "tiny"}
+    assert ready["models"]["flux2-klein-4b"]["is_demo"] and not ready["models"]["tiny"]["is_demo"]
+    log = server.stderr()
+    assert len(re.findall(r"klein-serve ready on http://127\.0\.0\.1:\d+", log)) == 1
+    assert "--demo: serving a tiny model with random weights" in log
+    assert http.get("/healthz").json() == {"status": "ok"}
+
+
+# ---- 200 at each size, each model, each workflow ----
+
+@pytest.mark.parametrize("aspect_ratio", list(ASPECT_RATIOS))
+def test_demo_png_at_each_aspect_ratio(http, aspect_ratio):
+    response = generate(http, {"aspect_ratio": aspect_ratio, "seed": "11"})
+    assert png_size(response) == ASPECT_RATIOS[aspect_ratio]
+    assert response.headers["x-klein-demo"].startswith("true")
+    assert response.headers["x-klein-workflow"] == "text-to-image" and response.headers["x-klein-seed"] == "11"
+    assert "generate;dur=" in response.headers["server-timing"]
+
+
+def test_default_aspect_ratio_is_landscape_and_urlencoded_works(http):
+    response = http.post("/v1/generate", content="prompt=a+boat", headers={
+        "Authorization": f"Bearer {KEY}", "Content-Type": "application/x-www-form-urlencoded"})
+    assert png_size(response) == (1344, 768)
+
+
+@pytest.mark.parametrize("aspect_ratio", ["square", "portrait"])
+def test_converted_tiny_model(http, aspect_ratio):
+    response = generate(http, {"model": "tiny", "aspect_ratio": aspect_ratio, "seed": "3"}, [RED])
+    assert png_size(response) == ASPECT_RATIOS[aspect_ratio]
+    assert response.headers["x-klein-model"] == "tiny" and "x-klein-demo" not in response.headers
+    assert response.headers["x-klein-workflow"] == "image-to-image"
+
+
+def test_seed_reproducible_and_distinct(http):
+    fields = {"aspect_ratio": "square", "seed": "12345"}
+    first, second = generate(http, fields), generate(http, fields)
+    assert first.content == second.content and png_size(first) == (1024, 1024)
+    assert generate(http, {**fields, "seed": "12346"}).content != first.content
+    assert int(generate(http, {"aspect_ratio": "square"}).headers["x-klein-seed"]) >= 0
+
+
+@pytest.mark.parametrize("files, uris, workflow", [
+    ([RED], [], "image-to-image"),
+    ([RED, BLUE], [], "multi-reference"),
+    ([RED, BLUE, GREEN, RED], [], "multi-reference"),
+    ([], ["data:green"], "image-to-image"),
+    ([], ["http:red", "data:green", "http:blue"], "multi-reference"),
+    ([BLUE], ["http:red", "data:green"], "multi-reference"),
+])
+def test_workflows_by_files_uris_and_both(http, images, files, uris, workflow):
+    named = {"http:red": images["good"].url("/red.png"), "http:blue": images["good"].url("/blue.png"),
+             "data:green": data_uri(GREEN)}
+    response = generate(http, {"aspect_ratio": "square", "seed": "5",
+                               "image_uris": json.dumps([named[u] for u in uris])}, files)
+    assert png_size(response) == (1024, 1024)
+    assert response.headers["x-klein-workflow"] == workflow
+
+
+def test_files_come_before_uris(http):
+    def run(files, uris):
+        return generate(http, {"aspect_ratio": "square", "seed": "9", "image_uris": json.dumps(uris)}, files).content
+
+    mixed = run([RED], [data_uri(BLUE)])
+    assert mixed == run([RED, BLUE], [])
+    assert mixed != run([BLUE, RED], [])
+
+
+# ---- every error row ----
+
+@pytest.mark.parametrize("headers, text", [
+    ({}, "missing API key"), ({"Authorization": "Basic YTpi"}, "malformed"),
+    ({"Authorization": "Bearer nope"}, "unknown API key")])
+def test_401(http, headers, text):
+    response = generate(http, key=None, headers=headers)
+    assert text in detail(response, 401) and response.headers["www-authenticate"].startswith("Bearer")
+
+
+def test_second_key_works(http):
+    assert generate(http, {"aspect_ratio": "square"}, key="second-key").status_code == 200
+
+
+def test_404_405_413(http):
+    assert detail(http.get("/v2/generate"), 404)
+    response = http.get("/v1/generate")
+    assert detail(response, 405) and "POST" in response.headers["allow"]
+    big = generate(http, files=[b"\0" * (2 * 2**20 + 1)])
+    assert "at most 2097152 bytes" in detail(big, 413)
+
+
+@pytest.mark.parametrize("fields, files, text", [
+    ({"prompt": ""}, [], "prompt must not be empty"),
+    ({"prompt": "   "}, [], "prompt must not be empty"),
+    ({"aspect_ratio": "ultrawide"}, [], "square, landscape, portrait, photo, photo_v, standard, standard_v, wide"),
+    ({"model": "flux2-klein-9b"}, [], "this server has: flux2-klein-4b, tiny"),
+    ({"image_uris": "[oops"}, [], "not valid JSON"),
+    ({"image_uris": '["file:///etc/passwd"]'}, [], "only http://, https:// and data:"),
+    ({"image_uris": "{good}/missing.png"}, [], "answered HTTP 404"),
+    ({}, [b"not an image at all"], "is not a PNG, JPEG, WEBP, GIF image"),
+    ({"image_uris": "{good}/notes.txt"}, [], "is not a PNG"),
+    ({}, [RED, BLUE, GREEN, RED, BLUE], "at most 4"),
+    ({"image_uris": json.dumps([data_uri(RED)] * 3)}, [RED, BLUE], "2 files + 3 image_uris = 5; at most 4"),
+    ({}, [b"\x89PNG" + b"\0" * 2**20], "larger than 1048576 bytes"),
+    ({}, [png_bytes(size=(2100, 2100), mode="1", color=0)], "2100x2100 = 4410000 pixels; at most 4194304"),
+    ({}, [bomb_png()], "decompression bomb"),
+    ({"image_uris": "{good}/bomb.png"}, [], "decompression bomb"),
+    ({}, [png_bytes(size=(32, 32))], "too small"),
+])
+def test_422(http, images, fields, files, text):
+    if "image_uris" in fields and "{good}" in fields["image_uris"]:
+        fields = {**fields, "image_uris": json.dumps([fields["image_uris"].format(good=images["good"].url(""))])}
+    assert text in detail(generate(http, fields, files), 422)
+
+
+@pytest.mark.parametrize("uri", [
+    "http://127.0.0.1:{trap}/red.png", "http://[::1]:{trap6}/red.png", "http://localhost:{trap}/red.png",
+    "http://2130706433:{trap}/red.png", "http://127.1:{trap}/red.png", "http://0.0.0.0:{trap}/red.png",
+    "http://[::ffff:127.0.0.1]:{trap}/red.png", "http://169.254.169.254/latest/meta-data/",
+    "http://10.0.0.1/x.png", "http://10.255.255.1:{trap}/x.png", "http://192.168.0.1/x.png",
+    "{good}/to-loopback",
+])
+def test_ssrf_refused_without_connecting(http, images, uri):
+    trap, trap6 = images["trap"], images["trap6"]
+    uri = uri.format(trap=trap.port, trap6=trap6.port, good=images["good"].url(""))
+    text = detail(generate(http, {"image_uris": json.dumps([uri])}), 422)
+    assert "which this server does not fetch from" in text
+    assert trap.requests == [] and trap6.requests == []
+
+
+# ---- load (short version of benchmarks/load_test.py), then metrics and logs ----
+
+def test_load_at_twice_the_queue_capacity(server):
+    spec = importlib.util.spec_from_file_location("load_test", REPO / "benchmarks" / "load_test.py")
+    load_test = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(load_test)
+    result = load_test.run_load(server.base_url, requests=300, concurrency=2 * MAX_QUEUE, duration_s=120,
+                                api_key=KEY, server_pid=server.proc.pid, warmup=4)
+    print(result.summary())
+    assert load_test.check(result, max_rss_growth_mib=64) == []
+    assert result.requests == result.answered == sum(result.statuses.values())
+    assert result.statuses.get(503, 0) > 0  # the overload was real
+
+
+def test_metrics_and_access_log(server, http):
+    text = http.get("/metrics").text
+    for needle in ('klein_requests_total{method="POST",route="/v1/generate",status="200"}',
+                   'klein_requests_total{method="POST",route="/v1/generate",status="422"}',
+                   'klein_requests_total{method="POST",route="/v1/generate",status="503"}',
+                   'klein_stage_seconds_bucket{le="0.5",stage="generate"}', "klein_queue_depth ",
+                   "klein_batch_size_count ", "klein_ready 1.0"):
+        assert needle in text, needle
+    lines = [json.loads(line) for line in server.stdout().splitlines() if line.strip()]
+    assert lines and all({"request_id", "status", "total_ms"} <= set(line) for line in lines)
+    generated = [line for line in lines if line["status"] == 200 and line["path"] == "/v1/generate"]
+    assert generated and all({"workflow", "resolution", "seed", "queue_ms", "generate_ms"} <= set(line)
+                             for line in generated)
+    everything = server.stdout() + server.stderr()
+    assert KEY not in everything and "second-key" not in everything
+    assert base64.b64encode(RED).decode()[:40] not in everything

@@ -1,0 +1,97 @@
+"""Property-based fuzzing of POST /v1/generate (hypothesis) against create_app with the demo pipeline.
+
+Properties: no 5xx; no body contains "Traceback"; every answer is a PNG at exactly the requested aspect ratio's
+size, or JSON with only "detail" (401 or 422); the same seed gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from server_support import AppClient, bomb_png, data_uri, decode_png, jpeg_bytes, png_bytes
+
+from klein_jax.aspect_ratios import ASPECT_RATIOS
+from klein_jax.demo import build_demo_pipeline
+from server import Settings, create_app
+
+KEY = "fuzz-key"
+ENABLED = ("square", "wide")  # compiled at start-up; the other names must answer 422
+IMAGES = {
+    "png": png_bytes(size=(96, 80)), "jpeg": jpeg_bytes(size=(80, 96), exif_orientation=8),
+    "tiny": png_bytes(size=(16, 16)), "garbage": b"\x89PNG\r\n\x1a\n garbage", "empty": b"", "bomb": bomb_png(),
+    "text": b"GIF89a? no",
+}
+URIS = ["ftp://example.com/a.png", "http://127.0.0.1:9/a.png", "http://[::1]:9/a.png", "http://10.0.0.1/a.png",
+        "http://169.254.169.254/latest/", "http://evil.test/a.png", "https://evil.test/a.png", "not a uri",
+        "data:image/png;base64,!!!", "data:text/plain;base64,aGk=", data_uri(png_bytes(size=(64, 64))),
+        data_uri(b"not an image"), "", "http://", "http://[::1", "javascript:alert(1)"]
+
+
+async def _resolve_everything_to_loopback(host, port):
+    return ["127.0.0.1"]  # never ask a real DNS server; the policy must refuse it
+
+
+@pytest.fixture(scope="module")
+def client():
+    settings = Settings(api_keys=(KEY,), aspect_ratios=ENABLED, max_batch=1, max_image_pixels=2**20,
+                        max_image_bytes=256 * 1024, fetch_timeout_s=2)
+    app_client = AppClient(create_app({"flux2-klein-4b": build_demo_pipeline()}, settings,
+                                      resolver=_resolve_everything_to_loopback))
+    yield app_client
+    app_client.close()
+
+
+optional_text = st.one_of(st.none(), st.text(max_size=30))
+requests = st.fixed_dictionaries({
+    "key": st.sampled_from([KEY, KEY, KEY, None, "wrong", ""]),
+    "auth_scheme": st.sampled_from(["Bearer", "Bearer", "bearer", "Basic", ""]),
+    "prompt": st.one_of(st.none(), st.just("a red fox"), st.text(max_size=40), st.just(" \t ")),
+    "model": st.one_of(st.none(), st.sampled_from(["flux2-klein-4b", "flux2-klein-9b", ""]), optional_text),
+    "aspect_ratio": st.one_of(st.none(), st.sampled_from(list(ASPECT_RATIOS)), optional_text),
+    "seed": st.one_of(st.none(), st.integers(0, 2**64 - 1).map(str), st.integers(-9, -1).map(str),
+                      st.integers(2**64, 2**70).map(str), optional_text),
+    "files": st.lists(st.sampled_from(sorted(IMAGES)), max_size=6),
+    "image_uris": st.one_of(st.none(), optional_text, st.lists(st.sampled_from(URIS), max_size=6).map(json.dumps)),
+})
+
+
+def _send(client, r):
+    fields = [(name, r[name]) for name in ("prompt", "model", "aspect_ratio", "seed", "image_uris")
+              if r[name] is not None]
+    files = [("images", f"{name}.bin", IMAGES[name]) for name in r["files"]]
+    headers = {"Authorization": f"{r['auth_scheme']} {r['key']}".strip()} if r["key"] is not None else {}
+    return client.generate(fields, files, key=None, headers=headers)
+
+
+def _check(answer, r):
+    assert answer.status < 500, (answer.status, answer.body[:300])
+    assert b"Traceback" not in answer.body
+    if answer.status == 200:
+        aspect_ratio = r["aspect_ratio"] or "landscape"
+        assert aspect_ratio in ENABLED
+        assert decode_png(answer.body).size == ASPECT_RATIOS[aspect_ratio]
+        if r["seed"]:
+            assert answer.headers["X-Klein-Seed"] == str(int(r["seed"]))
+        return
+    assert answer.status in (401, 422), answer.status
+    assert answer.headers["Content-Type"] == "application/json"
+    body = json.loads(answer.body)
+    assert list(body) == ["detail"] and isinstance(body["detail"], str) and body["detail"]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(r=requests)
+def test_generate_never_fails_and_answers_png_or_detail(client, r):
+    _check(_send(client, r), r)
+
+
+@settings(max_examples=4, deadline=None)
+@given(seed=st.integers(0, 2**64 - 1), prompt=st.text(min_size=1, max_size=20).filter(str.strip))
+def test_same_seed_same_bytes(client, seed, prompt):
+    fields = {"prompt": prompt, "seed": str(seed), "aspect_ratio": "square"}
+    first, second = client.generate(fields, key=KEY), client.generate(fields, key=KEY)
+    assert first.status == second.status == 200
+    assert first.body == second.body and first.headers["X-Klein-Seed"] == str(seed)
