@@ -200,7 +200,8 @@ layout (transformer one file; Qwen3-4B with all 36 layers in two shards with an 
 
 | | wall time | peak RSS |
 |---|---|---|
-| `klein-convert` (child process, `RUSAGE_CHILDREN` ru_maxrss) | {r['convert_s']:.0f} s | **{r['convert_peak_rss_gib']:.2f} GiB** |
+| `klein-convert` (child process, `RUSAGE_CHILDREN` ru_maxrss) | {r['convert_s']:.0f} s \
+| **{r['convert_peak_rss_gib']:.2f} GiB** |
 | `load_components(OUT, "bfloat16")` on CPU (child process) | {r['load_s']:.0f} s | {r['load_peak_rss_gib']:.2f} GiB |
 
 Written: {r['out_gb']:.2f} GB (text-encoder layers 27-35 and `model.norm` are not needed and not written).
@@ -211,7 +212,9 @@ Written: {r['out_gb']:.2f} GB (text-encoder layers 27-35 and `model.norm` are no
 
 The peak is about the largest component (the 7.75 GB transformer) plus the Python/JAX runtime: tensors are read
 from memory maps one at a time and cast on the way, each component is written and freed before the next,
-and orbax writes the arrays without its default defensive copy.
+and orbax writes the arrays without its default defensive copy. The load peak is the loaded bf16 model itself
+(14.15 GB = 13.2 GiB of jax arrays) plus the runtime: no second copy either. Wall times are disk-bound; the
+machine was shared with other jobs while this ran, so they are upper bounds.
 {END}"""
 
 

@@ -24,7 +24,7 @@ import time
 API_SIZES = ("1024x1024", "1344x768", "768x1344", "1248x832", "832x1248", "1184x896", "896x1184", "1568x672")
 DOC = pathlib.Path(__file__).resolve().parent.parent / "docs" / "vae.md"
 BEGIN, END = "<!-- vae-memory:begin -->", "<!-- vae-memory:end -->"
-HEADER = ("| W x H | packed latents | peak RSS after compile (GiB) | peak RSS after decode (GiB) "
+HEADER = ("| W x H | packed latents (w x h x C) | peak RSS after compile (GiB) | peak RSS after decode (GiB) "
           "| XLA temp buffers (GiB) | compile (s) | decode (s) |\n|---|---|---|---|---|---|---|")
 
 

@@ -95,8 +95,15 @@ def convert(source: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "
     Raises one of convert.components.SOURCE_ERRORS on bad input, leaving `out` untouched.
     """
     from convert.components import (
-        COMPONENTS, FORMAT_VERSION, MANIFEST, OUT_LAYERS_KEY, ConversionError, check_component, dtype_name,
-        open_source)
+        COMPONENTS,
+        FORMAT_VERSION,
+        MANIFEST,
+        OUT_LAYERS_KEY,
+        ConversionError,
+        check_component,
+        dtype_name,
+        open_source,
+    )
 
     out = pathlib.Path(out)
     dtype = dtype_name(dtype)

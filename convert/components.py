@@ -301,7 +301,8 @@ def open_source(source: str | os.PathLike, *, transformer_file: str | os.PathLik
         raise ConversionError(f"transformer file not found: {transformer_file}")
     partial = False
     if hub.is_hub_id(source):
-        folder, partial = _download(os.fspath(source), with_transformer=transformer_file is None, revision=revision), True
+        folder = _download(os.fspath(source), with_transformer=transformer_file is None, revision=revision)
+        partial = True
     else:
         folder = pathlib.Path(source)
         if not folder.exists():
@@ -343,7 +344,9 @@ def check_component(source: Source, name: str, config: Any, dtype: Any) -> int:
                     dtype=np.bool_, on_tensor=seen)
     except WeightMappingError as e:
         message = f"{name}: {e}"
-        raise WeightMappingError(tensors.annotate(message) if isinstance(tensors, BFLTransformer) else message) from None
+        if isinstance(tensors, BFLTransformer):
+            message = tensors.annotate(message)
+        raise WeightMappingError(message) from None
     return count
 
 

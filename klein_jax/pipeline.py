@@ -187,6 +187,11 @@ class KleinPipeline:
         return tuple(PreparedReference(p, self._reference_bucket(k, p.shape[0], p.shape[1]))
                      for k, p in enumerate(pixels))
 
+    def _usable_grids(self) -> list[tuple[int, int]]:
+        """Grid buckets a reference can land in: both sides at least check_image_input's 64 pixels."""
+        least = image_ops.MIN_SIDE // self.pixels_per_token
+        return [g for g in self.buckets.grids if min(g) >= least]
+
     def _reference_bucket(self, index: int, height: int, width: int) -> tuple[int, int]:
         ps = self.pixels_per_token
         grid = self.buckets.grid_for(height // ps, width // ps)
@@ -238,7 +243,7 @@ class KleinPipeline:
             plans.append(TextPlan(batch))
             if max_references:
                 plans += [ReferencePlan(batch, (r * self.pixels_per_token, c * self.pixels_per_token))
-                          for r, c in self.buckets.grids]
+                          for r, c in self._usable_grids()]
             for width, height in sizes:
                 self._check_size(width, height)
                 grid = (height // self.pixels_per_token, width // self.pixels_per_token)

@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how long a batch waits for more requests of its shape")
     p.add_argument("--aspect-ratios", type=_aspect_ratios, default=_env("ASPECT_RATIOS", "all"),
                    metavar="all|NAME,...", help="aspect ratios to compile and serve")
+    p.add_argument("--compile-references", type=int, default=_env("COMPILE_REFERENCES", "4"), metavar="N",
+                   help="compile programs for up to N reference images at start-up (0-4); requests with more "
+                        "compile theirs on first use (a slow first request)")
     p.add_argument("--allow-hosts", action="append", default=[_env("ALLOW_HOSTS")] if _env("ALLOW_HOSTS") else [],
                    metavar="HOST,...", help="image_uris hosts fetched whatever they resolve to ('.example.com': "
                                             "every subdomain); repeatable")
@@ -119,7 +122,8 @@ def settings_from_args(args: argparse.Namespace, api_keys: tuple[str, ...]) -> S
     return Settings(
         host=args.host, port=args.port, api_keys=api_keys, auth=not args.no_auth, timeout_s=args.timeout_s,
         max_queue=args.max_queue, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
-        aspect_ratios=args.aspect_ratios, max_body_bytes=args.max_body_bytes, max_image_bytes=args.max_image_bytes,
+        aspect_ratios=args.aspect_ratios, compile_references=args.compile_references,
+        max_body_bytes=args.max_body_bytes, max_image_bytes=args.max_image_bytes,
         max_image_pixels=args.max_image_pixels, fetch_timeout_s=args.fetch_timeout_s,
         max_redirects=args.max_redirects, allow_hosts=parse_hosts(args.allow_hosts),
         allow_networks=parse_networks(args.allow_networks),

@@ -19,7 +19,7 @@ from server.fetch import ImageFetcher
 from server.forms import GenerateForm
 from server.images import decode_image
 from server.metrics import Metrics
-from server.settings import MAX_REFERENCES, Settings
+from server.settings import Settings
 from server.worker import DeviceWorker, QueueFull, WorkerStopped
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,8 @@ class GenerateService:
         start = time.perf_counter()
         for model_id, pipe in self.models.items():
             model_start = time.perf_counter()
-            count = pipe.compile(aspect_ratios=list(self.settings.aspect_ratios), max_references=MAX_REFERENCES,
+            count = pipe.compile(aspect_ratios=list(self.settings.aspect_ratios),
+                                 max_references=self.settings.compile_references,
                                  batch_sizes=self.settings.batch_sizes)
             self.compiled_programs += count
             log.info("compiled %d programs for model %s in %.1f s", count, model_id, time.perf_counter() - model_start)

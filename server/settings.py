@@ -26,6 +26,7 @@ class Settings:
     max_batch: int = 4
     batch_wait_ms: float = 5.0  # how long a batch waits for more requests with the same shape
     aspect_ratios: tuple[str, ...] = tuple(ASPECT_RATIOS)
+    compile_references: int = MAX_REFERENCES  # programs for up to this many references compile at start-up
     max_body_bytes: int = 64 * 1024 * 1024
     max_form_parts: int = 32
     max_image_bytes: int = 16 * 1024 * 1024  # per image: upload, fetched body or decoded data: URI
@@ -56,6 +57,8 @@ class Settings:
             raise ValueError(f"aspect ratio(s) {', '.join(unknown)} not one of {', '.join(ASPECT_RATIOS)}")
         if self.auth and not self.api_keys:
             raise ValueError("no API key configured: set KLEIN_API_KEYS or KLEIN_API_KEYS_FILE, or pass --no-auth")
+        if not 0 <= self.compile_references <= MAX_REFERENCES:
+            raise ValueError(f"compile_references={self.compile_references} must be in 0..{MAX_REFERENCES}")
         if not 0 <= self.png_compress_level <= 9:
             raise ValueError(f"png_compress_level={self.png_compress_level} must be in 0..9")
 

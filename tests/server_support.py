@@ -14,6 +14,7 @@ import random
 import re
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -23,6 +24,9 @@ from PIL import Image
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
+# JAX's persistent compilation cache, shared by the contract server and the fuzz test's demo pipeline: the demo and
+# the converted tiny model have the same configs, so their programs are the same and compile once.
+COMPILE_CACHE = pathlib.Path(tempfile.gettempdir()) / "klein-server-tests-jax-cache"
 
 
 # ---- a pipeline with the batch API of klein_jax.pipeline.KleinPipeline, answering solid images ----

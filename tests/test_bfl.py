@@ -23,7 +23,8 @@ def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("bfl")
     src = make_tiny_diffusers_pipeline(root / "src", seed=5)
     state = load_file(str(src / "transformer" / "diffusion_pytorch_model.safetensors"))
-    bfl = make_bfl_transformer_file({k: torch.from_numpy(v) for k, v in state.items()}, root / "flux-2-klein.safetensors")
+    tensors = {k: torch.from_numpy(v) for k, v in state.items()}
+    bfl = make_bfl_transformer_file(tensors, root / "flux-2-klein.safetensors")
     out = root / "out"
     assert main([str(src), str(out), "--dtype", "float32", "--no-progress"]) == 0
     return {"root": root, "src": src, "state": state, "bfl": bfl, "out": out}
@@ -55,7 +56,8 @@ def test_split_and_swap_by_hand():
     TransformerConfig(in_channels=16, num_layers=2, num_single_layers=3, attention_head_dim=8, num_attention_heads=2,
                       joint_attention_dim=24, timestep_guidance_channels=16, axes_dims_rope=(2, 2, 2, 2)),
     TransformerConfig(in_channels=8, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=3,
-                      joint_attention_dim=12, timestep_guidance_channels=32, mlp_ratio=2.0, axes_dims_rope=(4, 4, 4, 4)),
+                      joint_attention_dim=12, timestep_guidance_channels=32, mlp_ratio=2.0,
+                      axes_dims_rope=(4, 4, 4, 4)),
 ])
 def test_rename_table_equals_diffusers_converter(config):
     """Our lazy BFL view == diffusers' convert_flux2_transformer_checkpoint_to_diffusers on the same BFL dict."""
@@ -131,7 +133,8 @@ def test_bfl_unexpected_key_listed(tiny, tmp_path, capsys):
 
 
 def test_bfl_missing_qkv_listed(tiny, tmp_path, capsys):
-    path = _rewrite(tiny, tmp_path, lambda t: {k: v for k, v in t.items() if k != "double_blocks.0.txt_attn.qkv.weight"})
+    gone = "double_blocks.0.txt_attn.qkv.weight"
+    path = _rewrite(tiny, tmp_path, lambda t: {k: v for k, v in t.items() if k != gone})
     line = _error_line([str(tiny["src"]), str(tmp_path / "out"), "--transformer", str(path)], capsys)
     assert "missing weights (3)" in line
     for name in ("add_q_proj", "add_k_proj", "add_v_proj"):
@@ -141,7 +144,8 @@ def test_bfl_missing_qkv_listed(tiny, tmp_path, capsys):
 def test_bfl_shape_mismatch_named(tiny, tmp_path, capsys):
     path = _rewrite(tiny, tmp_path, lambda t: {**t, "final_layer.linear.weight": np.zeros((64, 32), np.float32)})
     line = _error_line([str(tiny["src"]), str(tmp_path / "out"), "--transformer", str(path)], capsys)
-    assert "shape mismatches" in line and "proj_out.weight (BFL final_layer.linear.weight)" in line and "[32, 64]" in line and "[32, 128]" in line
+    assert "shape mismatches" in line and "proj_out.weight (BFL final_layer.linear.weight)" in line
+    assert "[32, 64]" in line and "[32, 128]" in line
 
 
 def test_bad_transformer_files(tiny, tmp_path, capsys):

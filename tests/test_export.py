@@ -22,6 +22,7 @@ from convert.export import (
     pipeline_modules,
 )
 from convert.keymap.transformer import transformer_rules
+from convert.sources import SafetensorsFile
 from klein_jax import latents as latent_ops
 from klein_jax.configs import TINY_TEXT_ENCODER, TINY_TRANSFORMER, TextEncoderConfig, TransformerConfig, VAEConfig
 from klein_jax.demo import DEMO_VAE, build_demo_pipeline
@@ -133,15 +134,12 @@ def test_bfloat16_export(exported, tmp_path):
     bf16 = KleinPipeline.from_pretrained(exported["converted"], dtype="bfloat16")
     folder = export_diffusers_folder(bf16, tmp_path / "bf16")
     name = "transformer/diffusion_pytorch_model.safetensors"
-    with safe_open(folder / name, "np") as f32_file, safe_open(folder / name, "pt") as bf16_file:
-        del f32_file
-        assert bf16_file.get_tensor("x_embedder.weight").dtype == torch.bfloat16
-    with safe_open(exported["folder"] / name, "np") as want:
-        from convert.sources import SafetensorsFile
-
-        got = SafetensorsFile(folder / name)
-        for key in ("x_embedder.weight", "single_transformer_blocks.1.attn.to_qkv_mlp_proj.weight"):
-            np.testing.assert_array_equal(got[key], want.get_tensor(key).astype(ml_dtypes.bfloat16))
+    with safe_open(folder / name, "pt") as f:
+        assert f.get_tensor("x_embedder.weight").dtype == torch.bfloat16
+    got, want = SafetensorsFile(folder / name), SafetensorsFile(exported["folder"] / name)
+    for key in ("x_embedder.weight", "single_transformer_blocks.1.attn.to_qkv_mlp_proj.weight"):
+        assert got[key].dtype == ml_dtypes.bfloat16
+        np.testing.assert_array_equal(got[key], want[key].astype(ml_dtypes.bfloat16))
 
 
 def test_refuses_a_non_empty_folder(exported, tmp_path):

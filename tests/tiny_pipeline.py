@@ -234,7 +234,8 @@ def make_bfl_transformer_file(diffusers_transformer_state_dict: Mapping[str, tor
 
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {prefix + k: v.detach().contiguous() for k, v in diffusers_to_bfl(diffusers_transformer_state_dict).items()}
+    bfl = diffusers_to_bfl(diffusers_transformer_state_dict)
+    tensors = {prefix + k: v.detach().contiguous() for k, v in bfl.items()}
     save_file(tensors, str(path))
     return path
 
