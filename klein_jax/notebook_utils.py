@@ -1,9 +1,11 @@
-"""Small helpers shared by the notebooks: pick real weights or the demo model, and lay images out in a grid."""
+"""Small helpers shared by the notebooks: pick real weights or the demo model, lay images out in a grid, and
+describe parameters (shapes, dtypes, counts, bytes) as markdown tables."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 from PIL import Image
 
@@ -55,3 +57,38 @@ def image_grid(images: Sequence[Image.Image], cols: int | None = None, *, pad: i
         r, c = divmod(i, cols)
         grid.paste(im.convert("RGB"), (c * (cell_w + pad), r * (cell_h + pad)))
     return grid
+
+
+def parameters(module) -> list[tuple[str, tuple[int, ...], str]]:
+    """(dotted path, shape, dtype) of every variable of an nnx module, concrete or abstract (nnx.eval_shape)."""
+    from flax import nnx
+
+    _, state = nnx.split(module)
+    rows = []
+    for path, variable in nnx.to_flat_state(state):
+        value = variable.get_value()
+        rows.append((".".join(str(p) for p in path), tuple(value.shape), str(value.dtype)))
+    return rows
+
+
+def count_parameters(module) -> int:
+    """Number of values in every variable of an nnx module (BN statistics included)."""
+    import math
+
+    return sum(math.prod(shape) for _, shape, _ in parameters(module))
+
+
+def human_bytes(nbytes: float) -> str:
+    """1234567 -> '1.23 MB' (powers of 1000, as the memory table of shared/spec/klein.md)."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(nbytes) < 1000 or unit == "GB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.2f} {unit}"
+        nbytes /= 1000
+    raise AssertionError("unreachable")
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """A GitHub markdown table (display it with IPython.display.Markdown)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)

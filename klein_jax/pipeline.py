@@ -12,6 +12,7 @@ its own seed so that batching does not change it. With `latents=` the results ma
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -225,11 +226,14 @@ class KleinPipeline:
         return image_ops.numpy_to_pil(self._run(prepared))
 
     def compile(self, aspect_ratios: str | Sequence[str] = "all", max_references: int = MAX_REFERENCES,
-                batch_sizes: Sequence[int] = (1,)) -> int:
-        """Compiles ahead of time every program those shapes need (default steps and guidance); returns how many."""
+                batch_sizes: Sequence[int] = (1,), *, sizes: Sequence[tuple[int, int]] = ()) -> int:
+        """Compiles ahead of time every program those shapes need (default steps and guidance); returns how many.
+
+        aspect_ratios: "all" or API aspect-ratio names; sizes: more (width, height) pairs in pixels.
+        """
         names = list(ASPECT_RATIOS) if aspect_ratios == "all" else [aspect_ratios] if isinstance(
             aspect_ratios, str) else list(aspect_ratios)
-        sizes = [resolve_aspect_ratio(n) for n in names]
+        sizes = [resolve_aspect_ratio(n) for n in names] + [self._check_size(w, h) for w, h in sizes]
         if isinstance(max_references, bool) or not isinstance(max_references, int) or not (
                 0 <= max_references <= MAX_REFERENCES):
             raise ValueError(f"max_references={max_references!r} must be an integer in 0..{MAX_REFERENCES}")
@@ -245,7 +249,6 @@ class KleinPipeline:
                 plans += [ReferencePlan(batch, (r * self.pixels_per_token, c * self.pixels_per_token))
                           for r, c in self._usable_grids()]
             for width, height in sizes:
-                self._check_size(width, height)
                 grid = (height // self.pixels_per_token, width // self.pixels_per_token)
                 plans += [GeneratePlan(batch, grid, tokens, self.default_steps, guidance, external_noise=False)
                           for tokens in self.buckets.token_buckets_for(max_references)]
@@ -256,7 +259,7 @@ class KleinPipeline:
             self._negative()
         count = self.compile_count - before
         log.info("compile: %d programs for %s, up to %d references, batch sizes %s in %.1f s", count,
-                 ", ".join(names), max_references, batch_sizes, time.perf_counter() - start)
+                 ", ".join(f"{w}x{h}" for w, h in sizes), max_references, batch_sizes, time.perf_counter() - start)
         return count
 
     # ---------------------------------------------------------------------------------------------- __call__
@@ -330,42 +333,51 @@ class KleinPipeline:
         batch = self._batch_size(len(prepared))
         rows = prepared + [prepared[0]] * (batch - len(prepared))  # padding rows repeat the first request
         plan, inputs = self._inputs(rows, timings)
-        start = time.perf_counter()
-        if on_step is None:
-            images = np.asarray(self.sampler.generate(plan, inputs))
-        else:
-            images = np.asarray(self.sampler.generate_stepwise(plan, inputs, on_step, timings))
-        timings["denoise_decode_ms"] = 1000 * (time.perf_counter() - start)
+        with self._stage(timings, "denoise_decode_ms"):
+            if on_step is None:
+                images = np.asarray(self.sampler.generate(plan, inputs))
+            else:
+                images = np.asarray(self.sampler.generate_stepwise(plan, inputs, on_step, timings))
+        timings["batch_size"] = batch
         self.last_timings = timings
         return images[: len(prepared)]
+
+    @contextlib.contextmanager
+    def _stage(self, timings: dict[str, float], name: str):
+        """Adds a stage's time to timings[name] (ms), without the compilation inside it (added to compile_ms)."""
+        start, compiled = time.perf_counter(), self.sampler.compile_seconds
+        yield
+        compile_s = self.sampler.compile_seconds - compiled
+        timings[name] = timings.get(name, 0.0) + 1000 * (time.perf_counter() - start - compile_s)
+        if compile_s:
+            timings["compile_ms"] = timings.get("compile_ms", 0.0) + 1000 * compile_s
 
     def _inputs(self, rows: list[PreparedRequest], timings: dict[str, float]) -> tuple[GeneratePlan, dict]:
         first = rows[0]
         ps = self.pixels_per_token
         grid = (first.height // ps, first.width // ps)
         schedule = self._schedule(grid[0] * grid[1], first.num_steps)
-        start = time.perf_counter()
-        input_ids, attention_mask = self.tokenizer.encode([r.prompt for r in rows], max_length=self.text_length)
-        inputs: dict[str, Any] = {
-            "text_embeds": self.sampler.encode_text(input_ids, attention_mask).block_until_ready(),
-            "text_ids": latent_ops.text_ids(self.text_length),
-            "target_ids": latent_ops.latent_ids(*grid),
-            "sigmas": schedule.sigmas,
-            "timesteps": schedule.timesteps,
-        }
-        timings["text_encode_ms"] = 1000 * (time.perf_counter() - start)
+        with self._stage(timings, "text_encode_ms"):
+            input_ids, attention_mask = self.tokenizer.encode([r.prompt for r in rows], max_length=self.text_length)
+            inputs: dict[str, Any] = {
+                "text_embeds": self.sampler.encode_text(input_ids, attention_mask).block_until_ready(),
+                "text_ids": latent_ops.text_ids(self.text_length),
+                "target_ids": latent_ops.latent_ids(*grid),
+                "sigmas": schedule.sigmas,
+                "timesteps": schedule.timesteps,
+            }
         if first.noise is not None:
             inputs["noise"] = np.stack([r.noise for r in rows])
         else:
             inputs["key_data"] = np.stack([seed_key_data(r.seed) for r in rows])
         if first.guidance_scale is not None:
-            inputs["negative_embeds"] = self._negative()
+            with self._stage(timings, "text_encode_ms"):
+                inputs["negative_embeds"] = self._negative()  # computed once per pipeline
             inputs["guidance_scale"] = np.float32(first.guidance_scale)
         ref_tokens = 0
         if first.references:
-            start = time.perf_counter()
-            ref_tokens = self._reference_inputs(rows, inputs)
-            timings["reference_encode_ms"] = 1000 * (time.perf_counter() - start)
+            with self._stage(timings, "reference_encode_ms"):
+                ref_tokens = self._reference_inputs(rows, inputs)
         plan = GeneratePlan(len(rows), grid, ref_tokens, first.num_steps, first.guidance_scale is not None,
                             external_noise=first.noise is not None)
         return plan, inputs

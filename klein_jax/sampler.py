@@ -221,7 +221,9 @@ class Sampler:
         if isinstance(plan, GeneratePlan):
             fn = functools.partial(_generate, graphs=graphs, plan=plan)
             return fn, ((self._transformer_state, self._vae_state), self.generate_input_specs(plan))
-        if isinstance(plan, StepPlan):
+        if isinstance(plan, NoisePlan):
+        return f"noise {plan.tokens} tokens batch={plan.batch}"
+    if isinstance(plan, StepPlan):
             inputs = self.generate_input_specs(plan.generate)
             latents = self._latent_spec(plan.generate.batch, plan.generate.grid)
             fn = functools.partial(_generate_step, graphs=graphs, plan=plan.generate)
@@ -282,18 +284,17 @@ class Sampler:
     def generate_stepwise(self, plan: GeneratePlan, inputs: dict[str, Any], on_step: Callable[[int, int], None],
                           timings: dict[str, float] | None = None) -> jax.Array:
         """The same images one Euler step per call, calling on_step(step, steps) after each; fills
-        timings["denoise_ms"] and timings["decode_ms"] when given."""
-        start = time.perf_counter()
-        if plan.external_noise:
-            latents = jax.device_put(inputs["noise"])
-        else:
-            latents = self.program(NoisePlan(plan.batch, plan.grid[0] * plan.grid[1]))(inputs["key_data"])
+        timings["denoise_ms"] and timings["decode_ms"] (compilation excluded) when given."""
+        noise_program = None if plan.external_noise else self.program(NoisePlan(plan.batch, plan.grid[0] * plan.grid[1]))
         step_program = self.program(StepPlan(plan))
+        decode_program = self.program(DecodePlan(plan.batch, plan.grid))
+        start = time.perf_counter()
+        latents = jax.device_put(inputs["noise"]) if noise_program is None else noise_program(inputs["key_data"])
         for i in range(plan.steps):
             latents = step_program(self._transformer_state, latents, np.int32(i), inputs).block_until_ready()
             on_step(i + 1, plan.steps)
         middle = time.perf_counter()
-        images = self.program(DecodePlan(plan.batch, plan.grid))(self._vae_state, latents).block_until_ready()
+        images = decode_program(self._vae_state, latents).block_until_ready()
         if timings is not None:
             timings["denoise_ms"] = 1000 * (middle - start)
             timings["decode_ms"] = 1000 * (time.perf_counter() - middle)
@@ -305,6 +306,8 @@ def _describe(plan, pixels_per_token: int) -> str:
         return f"text encoder batch={plan.batch}"
     if isinstance(plan, ReferencePlan):
         return f"reference encoder {plan.pixels[1]}x{plan.pixels[0]} batch={plan.batch}"
+    if isinstance(plan, NoisePlan):
+        return f"noise {plan.tokens} tokens batch={plan.batch}"
     if isinstance(plan, StepPlan):
         return "one step of " + _describe(plan.generate, pixels_per_token)
     if isinstance(plan, (GeneratePlan, DecodePlan)):

@@ -134,6 +134,7 @@ def _configure_process(args: argparse.Namespace, settings: Settings) -> None:
     """Logging (access log: JSON lines on stdout; the rest on stderr), Pillow's bomb limit, the compile cache."""
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every checkpoint read at INFO
     access = logging.getLogger("server.access")
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter("%(message)s"))

@@ -39,6 +39,8 @@ def _from_http_exception(error: HTTPException) -> RequestError:
     }.get(error.code, error.description or error.name)
     if error.code == 405:
         detail = f"method not allowed; this route accepts {headers.get('Allow', 'other methods')}"
+    if error.code == 413:  # the rest of the body is not read: the connection cannot carry another request
+        headers["Connection"] = "close"
     return RequestError(error.code or 500, detail, headers=headers)
 
 

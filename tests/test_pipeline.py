@@ -11,6 +11,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from flax import nnx
 from tiny_pipeline import load_reference_pipeline, make_tiny_diffusers_pipeline
 
 from convert.cli import main as convert_main
@@ -20,6 +21,7 @@ from klein_jax.configs import TINY_TEXT_ENCODER, TINY_TRANSFORMER
 from klein_jax.demo import build_demo_pipeline, random_module
 from klein_jax.models.transformer import Flux2Transformer
 from klein_jax.pipeline import KleinPipeline, PreparedRequest
+from klein_jax.sampler import GeneratePlan
 
 OUT_LAYERS = TINY_TEXT_ENCODER.out_layers  # the tiny text encoder's hidden states (diffusers: text_encoder_out_layers)
 # The tiny VAE has 4-pixel tokens; one grid area and one token bucket hold every test reference: every reference
@@ -117,19 +119,21 @@ def test_base_model_with_guidance_matches_diffusers(base):
 def test_padded_references_equal_unpadded():
     """Reference tokens padded at the end of the sequence and masked as keys change no valid output."""
     rng = np.random.default_rng(0)
-    transformer = random_module(Flux2Transformer, TINY_TRANSFORMER, rng)
+    graph, state = nnx.split(random_module(Flux2Transformer, TINY_TRANSFORMER, rng))
+    run = jax.jit(lambda state, *args, **kwargs: nnx.merge(graph, state)(*args, **kwargs))
     T, L, R, P = 9, 12, 10, 7  # text, target (3x4), reference (2x5), padding
     x = rng.standard_normal((2, L + R, 128)).astype(np.float32)
     text = rng.standard_normal((2, T, TINY_TRANSFORMER.joint_attention_dim)).astype(np.float32)
     ids = np.concatenate([latent_ops.latent_ids(3, 4), latent_ops.image_ids([(2, 5)])])
     sigma = np.float32([0.5, 0.9])
-    want = np.asarray(transformer(x, text, sigma, ids, latent_ops.text_ids(T)))
+    want = np.asarray(run(state, x, text, sigma, ids, latent_ops.text_ids(T)))
     padded_x = np.concatenate([x, 100 * rng.standard_normal((2, P, 128)).astype(np.float32)], axis=1)
     padded_ids = np.concatenate([ids, rng.integers(0, 50, (P, 4)).astype(np.int32)])
-    got = transformer(padded_x, text, sigma, padded_ids, latent_ops.text_ids(T),
-                      kv_lengths=np.full((2,), T + L + R, np.int32))
-    np.testing.assert_allclose(np.asarray(got)[:, : L + R], want, atol=2e-5 * np.abs(want).max())
-    assert np.abs(np.asarray(got)[:, : L + R] - want).max() < 1e-5 * np.abs(want).max()
+    got = np.asarray(run(state, padded_x, text, sigma, padded_ids, latent_ops.text_ids(T),
+                         kv_lengths=np.full((2,), T + L + R, np.int32)))[:, : L + R]
+    assert np.abs(got - want).max() < 1e-5 * np.abs(want).max()
+    unmasked = np.asarray(run(state, padded_x, text, sigma, padded_ids, latent_ops.text_ids(T)))[:, : L + R]
+    assert np.abs(unmasked - want).max() > 1e-2 * np.abs(want).max()  # the mask is what makes them equal
 
 
 # ----------------------------------------------------------------------------------------- seeds, batches
@@ -138,27 +142,28 @@ def test_padded_references_equal_unpadded():
 def test_batch_gives_each_prompt_its_own_seed_and_the_same_references(distilled):
     _, pipe, _ = distilled
     image = random_image(64, 80, seed=6)
-    batch = pipe(["a cat", "a dog"], images=[image], width=32, height=32, seed=[11, 12], output_type="np")
-    alone = pipe("a dog", images=[image], width=32, height=32, seed=12, output_type="np")
-    again = pipe("a dog", images=[image], width=32, height=32, seed=12, output_type="np")
-    other = pipe("a dog", images=[image], width=32, height=32, seed=13, output_type="np")
-    assert batch.shape == (2, 32, 32, 3)
+    batch = pipe(["a cat", "a dog"], images=[image], width=48, height=32, seed=[11, 12], output_type="np")
+    alone = pipe("a dog", images=[image], width=48, height=32, seed=12, output_type="np")
+    again = pipe("a dog", images=[image], width=48, height=32, seed=12, output_type="np")
+    other = pipe("a dog", images=[image], width=48, height=32, seed=13, output_type="np")
+    assert batch.shape == (2, 32, 48, 3)
     np.testing.assert_array_equal(alone, again)  # same seed, same backend: the same image
     np.testing.assert_allclose(batch[1], alone[0], atol=1e-5)  # batching does not change an image's noise
     assert np.abs(batch[0] - batch[1]).max() > 1e-2
     assert np.abs(other - alone).max() > 1e-2
-    pil = pipe("a dog", images=[image], width=32, height=32, seed=12)
-    assert isinstance(pil, list) and pil[0].size == (32, 32) and pil[0].mode == "RGB"
+    pil = pipe("a dog", images=[image], width=48, height=32, seed=12)
+    assert isinstance(pil, list) and pil[0].size == (48, 32) and pil[0].mode == "RGB"
     np.testing.assert_array_equal(np.asarray(pil[0]), (alone[0] * 255).round().astype(np.uint8))
 
 
 def test_stepwise_path_reports_every_step_and_equals_fused(distilled):
     _, pipe, _ = distilled
-    steps = []
-    stepwise = pipe("a cat", width=48, height=32, seed=5, output_type="np", on_step=lambda i, n: steps.append((i, n)))
+    steps, latents = [], noise(48, 32, seed=8)
+    stepwise = pipe("a cat", width=48, height=32, latents=latents, output_type="np",
+                    on_step=lambda i, n: steps.append((i, n)))
     assert steps == [(1, 4), (2, 4), (3, 4), (4, 4)]
     assert {"text_encode_ms", "denoise_ms", "decode_ms"} <= set(pipe.last_timings)
-    fused = pipe("a cat", width=48, height=32, seed=5, output_type="np")
+    fused = pipe("a cat", width=48, height=32, latents=latents, output_type="np")
     np.testing.assert_allclose(stepwise, fused, atol=1e-5)
 
 
@@ -189,19 +194,18 @@ def demo():
 
 def test_no_compilation_after_warm_up(demo):
     with backend_compiles() as names:
-        count = demo.compile(aspect_ratios=["square"], max_references=2, batch_sizes=(1, 3))
-    # text encoder at B=1, 3; 3 usable grid buckets (5x5, 5x8, 8x5 tokens) at B=1, 3; generate at B=1, 3 for
-    # 0 and 64 reference tokens
-    assert count == demo.compile_count == 2 + 6 + 4
+        count = demo.compile(aspect_ratios=(), sizes=[(64, 64)], max_references=2, batch_sizes=(2,))
+    # text encoder; the 3 grid buckets a reference can use (5x5, 5x8, 8x5 tokens); generate for 0 and 64
+    # reference tokens; all at batch size 2 (single requests run padded)
+    assert count == demo.compile_count == 1 + 3 + 2
     assert len(names) >= count
     small, wide, tall = random_image(64, 64, seed=7), random_image(96, 64, seed=8), random_image(64, 80, seed=9)
     requests = [
-        [demo.prepare("a cat", width=1024, height=1024, seed=1)],
-        [demo.prepare("a cat", (), 1024, 1024, 2), demo.prepare("a dog", (), 1024, 1024, 3)],  # padded to 3
-        [demo.prepare("edit it", [wide], 1024, 1024, seed=4)],
-        [demo.prepare("both", [small, tall], 1024, 1024)],  # random seed
-        [demo.prepare("edit", [tall], 1024, 1024, 5)],
-        [demo.prepare("one", [small], 1024, 1024, 6), demo.prepare("two", [random_image(64, 64, seed=10)], 1024, 1024)],
+        [demo.prepare("a cat", width=64, height=64, seed=1)],
+        [demo.prepare("a cat", (), 64, 64, 2), demo.prepare("a dog", (), 64, 64, 3)],
+        [demo.prepare("edit it", [wide], 64, 64, seed=4)],
+        [demo.prepare("both", [small, tall], 64, 64)],  # random seed
+        [demo.prepare("one", [small], 64, 64, 6), demo.prepare("two", [random_image(64, 64, seed=10)], 64, 64)],
     ]
     with backend_compiles() as names:
         results = [demo.run_batch(batch) for batch in requests]
@@ -209,9 +213,18 @@ def test_no_compilation_after_warm_up(demo):
     assert demo.compile_count == count
     for batch, images in zip(requests, results):
         assert len(images) == len(batch)
-        assert all(image.size == (1024, 1024) and image.mode == "RGB" for image in images)
-    again = demo.run_batch([demo.prepare("a cat", width=1024, height=1024, seed=1)])[0]
+        assert all(image.size == (64, 64) and image.mode == "RGB" for image in images)
+    again = demo.run_batch([demo.prepare("a cat", width=64, height=64, seed=1)])[0]
     np.testing.assert_array_equal(np.asarray(again), np.asarray(results[0][0]))
+
+
+def test_compile_aspect_ratios_counts_programs(demo):
+    before = demo.compile_count
+    # text encoder B=1; generate at 1568x672 without references (no reference programs)
+    assert demo.compile(aspect_ratios="wide", max_references=0) == 2
+    assert demo.compile(aspect_ratios=["wide"], max_references=0) == 0
+    assert demo.compile_count == before + 2
+    assert demo.sampler.has(GeneratePlan(1, (672 // 16, 1568 // 16), 0, 4, False, external_noise=False))
 
 
 def test_prepared_requests(demo):
@@ -242,8 +255,7 @@ def test_bad_input_is_a_clear_error_and_compiles_nothing(demo, kwargs, message):
     kwargs = {"prompt": "a cat", **kwargs}
     before = demo.compile_count
     with pytest.raises(ValueError, match=message):
-        demo.prepare(kwargs.pop("prompt"), **kwargs)
-    kwargs = {"prompt": "a cat", **kwargs}
+        demo.prepare(**kwargs)
     with pytest.raises(ValueError, match=message):
         demo(**kwargs)
     assert demo.compile_count == before

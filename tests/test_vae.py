@@ -26,14 +26,17 @@ def _levels(n: int) -> dict:
 
 TINY_CONFIGS = {
     # 2 levels (factor 2), 1 resnet per encoder level (2 per decoder level), GroupNorm of 4 groups
-    "levels2_lpb1_g4": dict(**_levels(2), block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, latent_channels=4),
+    "levels2_lpb1_g4": dict(**_levels(2), block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
+                            latent_channels=4),
     # 3 levels (factor 4), 3 (4) resnets a level, 8 groups, a decoder wider than the encoder
     "levels3_lpb3_g8": dict(**_levels(3), block_out_channels=(8, 16, 16), decoder_block_out_channels=(16, 16, 24),
                             layers_per_block=3, norm_num_groups=8, latent_channels=8),
-    # optional layers off: no mid attention, no quant convs
-    "levels2_bare": dict(**_levels(2), block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, latent_channels=4,
-                         mid_block_add_attention=False, use_quant_conv=False, use_post_quant_conv=False),
+    # optional layers off: no mid attention, no quant convs (encode/decode and errors only, to save compiles)
+    "levels2_bare": dict(**_levels(2), block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
+                         latent_channels=4, mid_block_add_attention=False, use_quant_conv=False,
+                         use_post_quant_conv=False),
 }
+PIPELINE_CONFIGS = ["levels2_lpb1_g4", "levels3_lpb3_g8"]
 
 
 def _randomise(ref: AutoencoderKLFlux2) -> None:
@@ -48,17 +51,37 @@ def _randomise(ref: AutoencoderKLFlux2) -> None:
     ref.bn.num_batches_tracked.fill_(7)
 
 
+_BUILT: dict[str, tuple] = {}
+
+
+def _build(name: str, tmp_path_factory) -> tuple:
+    """(diffusers reference, our model loaded from its save_pretrained folder, our config), built once per name."""
+    if name not in _BUILT:
+        torch.manual_seed(0)
+        ref = AutoencoderKLFlux2(**TINY_CONFIGS[name]).eval()
+        _randomise(ref)
+        folder = tmp_path_factory.mktemp(name)
+        ref.save_pretrained(folder)
+        config = VAEConfig.from_json(folder / "config.json")
+        ours = load_module(lambda: Flux2VAE(config, rngs=nnx.Rngs(0)), ShardedCheckpoint(folder), vae_rules(config))
+        _BUILT[name] = ref, ours, config
+    return _BUILT[name]
+
+
 @pytest.fixture(scope="module", params=list(TINY_CONFIGS))
 def pair(request, tmp_path_factory):
-    """(diffusers reference, our model loaded from its save_pretrained folder, our config)."""
-    torch.manual_seed(0)
-    ref = AutoencoderKLFlux2(**TINY_CONFIGS[request.param]).eval()
-    _randomise(ref)
-    folder = tmp_path_factory.mktemp(request.param)
-    ref.save_pretrained(folder)
-    config = VAEConfig.from_json(folder / "config.json")
-    ours = load_module(lambda: Flux2VAE(config, rngs=nnx.Rngs(0)), ShardedCheckpoint(folder), vae_rules(config))
-    return ref, ours, config
+    return _build(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="module", params=PIPELINE_CONFIGS)
+def pipeline_pair(request, tmp_path_factory):
+    return _build(request.param, tmp_path_factory)
+
+
+@nnx.jit(static_argnums=1)
+def _run(model: Flux2VAE, method: str, x: jnp.ndarray) -> jnp.ndarray:
+    """One compiled call of `model.<method>(x)`: faster than eager op-by-op dispatch on CPU."""
+    return getattr(model, method)(x)
 
 
 def _images(shape, seed=0) -> np.ndarray:
@@ -108,7 +131,7 @@ def test_encode_matches_diffusers(pair):
     images = _images((2, 96, 160, 3))  # non-square
     with torch.no_grad():
         want = _nhwc(ref.encode(_nchw(images)).latent_dist.mode())
-    got = ours.encode(jnp.asarray(images))
+    got = _run(ours, "encode", jnp.asarray(images))
     f = config.spatial_scale
     assert got.shape == (2, 96 // f, 160 // f, config.latent_channels)
     assert_close(got, want, rel=REL, name="encode mean")
@@ -119,41 +142,41 @@ def test_decode_matches_diffusers(pair):
     z = np.random.default_rng(3).standard_normal((2, 12, 20, config.latent_channels)).astype(np.float32)
     with torch.no_grad():
         want = _nhwc(ref.decode(_nchw(z)).sample)
-    got = ours.decode(jnp.asarray(z))
+    got = _run(ours, "decode", jnp.asarray(z))
     f = config.spatial_scale
     assert got.shape == (2, 12 * f, 20 * f, 3)
     assert_close(got, want, rel=REL, name="decode")
 
 
-def test_packed_paths_match_pipeline(pair):
-    ref, ours, config = pair
+def test_packed_paths_match_pipeline(pipeline_pair):
+    ref, ours, config = pipeline_pair
     images = _images((1, 96, 160, 3), seed=4)
     want = _ref_encode_packed(ref, images)
-    packed = ours.encode_packed(jnp.asarray(images))
+    packed = _run(ours, "encode_packed", jnp.asarray(images))
     f = 2 * config.spatial_scale
     assert packed.shape == (1, 96 // f, 160 // f, config.packed_channels)
     assert_close(packed, want, rel=REL, name="encode_packed")
     h, w = packed.shape[1:3]
     tokens = np.asarray(L.pack_latents(packed))  # what the transformer sees: (1, h*w, 4C)
     want_images = _ref_decode_tokens(ref, tokens, h, w)
-    got_images = ours.decode_packed(L.unpack_latents(jnp.asarray(tokens), h, w))
+    got_images = _run(ours, "decode_packed", L.unpack_latents(jnp.asarray(tokens), h, w))
     assert got_images.shape == images.shape
     assert_close(got_images, want_images, rel=REL, name="pixels -> packed -> pixels")
 
 
-def test_smallest_sizes(pair):
-    ref, ours, config = pair
+def test_smallest_sizes(pipeline_pair):
+    ref, ours, config = pipeline_pair
     f = config.spatial_scale
     images = _images((1, f, f, 3), seed=5)  # smallest encode: one latent pixel
     with torch.no_grad():
         want = _nhwc(ref.encode(_nchw(images)).latent_dist.mode())
-    assert_close(ours.encode(jnp.asarray(images)), want, rel=REL, name="encode at the smallest size")
+    assert_close(_run(ours, "encode", jnp.asarray(images)), want, rel=REL, name="encode at the smallest size")
     images = _images((1, 2 * f, 2 * f, 3), seed=6)  # smallest packed: one token
-    packed = ours.encode_packed(jnp.asarray(images))
+    packed = _run(ours, "encode_packed", jnp.asarray(images))
     assert packed.shape == (1, 1, 1, config.packed_channels)
     assert_close(packed, _ref_encode_packed(ref, images), rel=REL, name="encode_packed at the smallest size")
     want_images = _ref_decode_tokens(ref, np.asarray(L.pack_latents(packed)), 1, 1)
-    assert_close(ours.decode_packed(packed), want_images, rel=REL, name="decode_packed at the smallest size")
+    assert_close(_run(ours, "decode_packed", packed), want_images, rel=REL, name="decode_packed at the smallest size")
 
 
 def test_shape_errors(pair):
@@ -175,7 +198,7 @@ def test_shape_errors(pair):
         ours.decode_packed(jnp.zeros((1, 1, 2, 2, config.packed_channels)))
 
 
-def test_weights_of_another_config_are_rejected(pair, tmp_path):
+def test_weights_of_another_config_are_rejected(pair):
     ref, _, config = pair
     other = VAEConfig(**{**config.to_dict(), "layers_per_block": config.layers_per_block + 1})
     with pytest.raises(WeightMappingError, match="missing weights"):
