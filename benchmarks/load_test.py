@@ -81,7 +81,7 @@ def rss_bytes(pid: int) -> int:
 
 
 async def _load(base_url: str, *, requests: int, concurrency: int, duration_s: float, api_key: str | None,
-                aspect_ratio: str, backoff_ms: float, server_pid: int | None) -> LoadResult:
+                aspect_ratio: str, backoff_ms: float | None, server_pid: int | None) -> LoadResult:
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     statuses: collections.Counter = collections.Counter()
@@ -108,8 +108,9 @@ async def _load(base_url: str, *, requests: int, concurrency: int, duration_s: f
             statuses[response.status_code] += 1
             if response.status_code == 200:
                 latencies.append((time.perf_counter() - start) * 1000.0)
-            elif response.status_code == 503:
-                await asyncio.sleep(backoff_ms / 1000.0)
+            elif response.status_code == 503:  # back off as told (Retry-After), or as configured
+                pause_s = float(response.headers.get("retry-after", 1)) if backoff_ms is None else backoff_ms / 1000
+                await asyncio.sleep(pause_s)
             else:
                 errors.append(f"{response.status_code}: {response.text[:200]}")
 
@@ -135,12 +136,15 @@ async def _load(base_url: str, *, requests: int, concurrency: int, duration_s: f
 
 
 def run_load(base_url: str, *, requests: int, concurrency: int, duration_s: float = 600.0,
-             api_key: str | None = None, aspect_ratio: str = "square", backoff_ms: float = 20.0,
+             api_key: str | None = None, aspect_ratio: str = "square", backoff_ms: float | None = None,
              server_pid: int | None = None, warmup: int = 8) -> LoadResult:
-    """Sends `requests` generate requests from `concurrency` clients (stopping at duration_s); warm-up excluded."""
-    if warmup:
-        asyncio.run(_load(base_url, requests=warmup, concurrency=1, duration_s=duration_s, api_key=api_key,
-                          aspect_ratio=aspect_ratio, backoff_ms=backoff_ms, server_pid=None))
+    """Sends `requests` generate requests from `concurrency` clients (stopping at duration_s); warm-up excluded.
+
+    backoff_ms: a client's pause after a 503; None honours the server's Retry-After.
+    """
+    if warmup:  # as concurrent as the load itself, so that every batch size has run once before RSS is measured
+        asyncio.run(_load(base_url, requests=warmup, concurrency=min(warmup, concurrency), duration_s=duration_s,
+                          api_key=api_key, aspect_ratio=aspect_ratio, backoff_ms=backoff_ms, server_pid=None))
     return asyncio.run(_load(base_url, requests=requests, concurrency=concurrency, duration_s=duration_s,
                              api_key=api_key, aspect_ratio=aspect_ratio, backoff_ms=backoff_ms,
                              server_pid=server_pid))
@@ -152,8 +156,10 @@ def start_demo_server(max_queue: int, max_batch: int, aspect_ratio: str, log_dir
     stderr_path = log_dir / "server.stderr"
     proc = subprocess.Popen(
         [sys.executable, "-m", "server", "--demo", "--no-auth", "--host", "127.0.0.1", "--port", "0",
-         "--max-queue", str(max_queue), "--max-batch", str(max_batch), "--aspect-ratios", aspect_ratio],
-        cwd=REPO, stdout=subprocess.DEVNULL, stderr=open(stderr_path, "wb"), env={**os.environ, "PYTHONUNBUFFERED": "1"})
+         "--max-queue", str(max_queue), "--max-batch", str(max_batch), "--aspect-ratios", aspect_ratio,
+         "--compile-references", "0"],  # the load is text-to-image
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=open(stderr_path, "wb"),
+        env={**os.environ, "PYTHONUNBUFFERED": "1"})
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         log = stderr_path.read_text(errors="replace")
@@ -173,7 +179,7 @@ def write_docs(summary: dict, settings: dict, path: pathlib.Path = DOCS) -> None
     section = (f"{BEGIN}\nMeasured by `{settings['command']}` on {settings['machine']} "
                f"({time.strftime('%Y-%m-%d')}): demo model, {settings['aspect_ratio']}, --max-queue "
                f"{settings['max_queue']} --max-batch {settings['max_batch']}, {summary['concurrency']} concurrent "
-               f"clients (twice the queue), 503s retried after {settings['backoff_ms']:g} ms.\n\n"
+               f"clients (twice the queue), 503s retried after {settings['backoff']}.\n\n"
                f"| metric | value |\n|---|---|\n{rows}\n{END}")
     text = path.read_text() if path.exists() else ""
     if BEGIN in text and END in text:
@@ -208,11 +214,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--server-pid", type=int, help="pid of the --url server, for RSS")
     p.add_argument("--api-key", default=None)
     p.add_argument("--requests", type=int, default=3000)
+    p.add_argument("--warmup", type=int, default=32, help="requests sent (and not measured) before the load")
     p.add_argument("--duration-s", type=float, default=900.0, help="stop sending after this long")
     p.add_argument("--max-queue", type=int, default=8, help="queue of the started server; clients: twice this")
     p.add_argument("--max-batch", type=int, default=4)
     p.add_argument("--aspect-ratio", default="square")
-    p.add_argument("--backoff-ms", type=float, default=20.0, help="a client's pause after a 503")
+    p.add_argument("--backoff-ms", type=float, default=None,
+                   help="a client's pause after a 503 (default: the server's Retry-After)")
     p.add_argument("--max-rss-growth-mib", type=float, default=64.0)
     p.add_argument("--no-write", action="store_true", help="do not update docs/server.md")
     args = p.parse_args(argv)
@@ -226,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             result = run_load(url, requests=args.requests, concurrency=2 * args.max_queue,
                               duration_s=args.duration_s, api_key=args.api_key, aspect_ratio=args.aspect_ratio,
-                              backoff_ms=args.backoff_ms, server_pid=pid)
+                              backoff_ms=args.backoff_ms, server_pid=pid, warmup=args.warmup)
         finally:
             if proc is not None:
                 proc.terminate()
@@ -241,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
         command = "python benchmarks/load_test.py " + " ".join(argv if argv is not None else sys.argv[1:])
         write_docs(summary, {"command": command.strip(), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
                              "aspect_ratio": args.aspect_ratio, "max_queue": args.max_queue,
-                             "max_batch": args.max_batch, "backoff_ms": args.backoff_ms})
+                             "max_batch": args.max_batch,
+                             "backoff": "Retry-After" if args.backoff_ms is None else f"{args.backoff_ms:g} ms"})
     return 1 if failures else 0
 
 

@@ -279,3 +279,37 @@ def export_diffusers_folder(pipe, path: str | os.PathLike) -> pathlib.Path:
     _write_json(path / "model_index.json",
                 model_index_json(is_distilled=pipe.is_distilled, out_layers=text_config.out_layers))
     return path
+
+
+# ---------------------------------------------------------------------------------------------------- command
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m convert.export OUT`: writes the demo model as a diffusers folder (a checkpoint without a download)."""
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(
+        prog="python -m convert.export", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Write the tiny random demo model (klein_jax.demo) as a diffusers Flux2KleinPipeline folder, "
+                    "the layout of the hub repos: a checkpoint for klein-convert and from_pretrained without a "
+                    "download. Its images are noise.")
+    p.add_argument("out", type=pathlib.Path, help="output folder (must not exist, or be empty)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the demo model's random weights")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    from klein_jax.demo import build_demo_pipeline
+
+    try:
+        folder = export_diffusers_folder(build_demo_pipeline(seed=args.seed), args.out)
+    except (ExportError, OSError) as e:
+        print(f"python -m convert.export: error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote the demo model (seed {args.seed}) as a diffusers pipeline folder: {folder}")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

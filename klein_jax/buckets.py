@@ -48,9 +48,9 @@ class ReferenceBuckets:
 
     @classmethod
     def default(cls, pixels_per_token: int) -> "ReferenceBuckets":
-        """Areas M/16 and M, token buckets M, 2M, 4M, with M the tokens of a reference at the 1024^2 area cap."""
+        """Areas M/16, M/4, M, token buckets M, 2M, 4M, with M the tokens of a reference at the 1024^2 area cap."""
         M = MAX_REFERENCE_AREA // (pixels_per_token * pixels_per_token)  # 4096 at 16 px per token
-        return cls(grid_areas=(max(M // 16, 1), M), token_buckets=(M, 2 * M, 4 * M))
+        return cls(grid_areas=(max(M // 16, 1), max(M // 4, 1), M), token_buckets=(M, 2 * M, 4 * M))
 
     @property
     def grids(self) -> tuple[tuple[int, int], ...]:

@@ -85,7 +85,7 @@ class PreparedRequest:
 class KleinPipeline:
     """FLUX.2 [klein] generation with ahead-of-time compiled programs (shared/spec/interfaces.md)."""
 
-    def __init__(self, transformer, vae, text_encoder, tokenizer, *, is_distilled: bool, dtype=jnp.bfloat16,
+    def __init__(self, transformer, vae, text_encoder, tokenizer, *, is_distilled: bool, dtype=None,
                  name: str = "flux2-klein", is_demo: bool = False, reference_buckets: ReferenceBuckets | None = None,
                  compilation_cache_dir: str | os.PathLike | None = None):
         if compilation_cache_dir is not None:
@@ -94,7 +94,7 @@ class KleinPipeline:
         self.is_distilled = bool(is_distilled)
         self.is_demo = bool(is_demo)
         self.name = name
-        self.dtype = jnp.dtype(dtype)
+        self.dtype = jnp.dtype(transformer.dtype if dtype is None else dtype)  # latents, text features, noise
         self.pixels_per_token = 2 * vae.config.spatial_scale  # 16: VAE /8, then 2x2 patches
         self.buckets = reference_buckets or ReferenceBuckets.default(self.pixels_per_token)
         self.text_length = text_encoder.config.max_sequence_length
@@ -122,6 +122,21 @@ class KleinPipeline:
     def default_steps(self) -> int:
         """4 for distilled checkpoints, 50 for base ones."""
         return DISTILLED_STEPS if self.is_distilled else BASE_STEPS
+
+    @property
+    def transformer(self):
+        """The Flux2Transformer module (a view of the sampler's state: it shares the arrays)."""
+        return self.sampler.module("transformer")
+
+    @property
+    def vae(self):
+        """The Flux2VAE module (a view of the sampler's state)."""
+        return self.sampler.module("vae")
+
+    @property
+    def text_encoder(self):
+        """The Qwen3TextEncoder module (a view of the sampler's state)."""
+        return self.sampler.module("text_encoder")
 
     @property
     def compile_count(self) -> int:
@@ -218,7 +233,8 @@ class KleinPipeline:
         width, height = self._check_size(width, height)
         seed = secrets.randbelow(2**32) if seed is None else self._check_seed(seed)
         return PreparedRequest(prompt=prompt, width=width, height=height, seed=seed,
-                               num_steps=self._resolve_steps(steps), guidance_scale=self._resolve_guidance(guidance_scale),
+                               num_steps=self._resolve_steps(steps),
+                               guidance_scale=self._resolve_guidance(guidance_scale),
                                references=tuple(references), noise=noise)
 
     def run_batch(self, prepared: Sequence[PreparedRequest]) -> list[PIL.Image.Image]:
@@ -295,6 +311,8 @@ class KleinPipeline:
             return [None] * count
         if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
             return [self._check_seed(seed + i) for i in range(count)]
+        if isinstance(seed, (str, bytes)) or not isinstance(seed, Sequence):
+            raise ValueError(f"seed={seed!r} must be an int or a list of ints, one per prompt")
         seeds = list(seed)
         if len(seeds) != count:
             raise ValueError(f"{len(seeds)} seeds given for {count} prompts; give one per prompt")

@@ -27,7 +27,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from klein_jax import latents as latent_ops
 from klein_jax.reference_encoder import encode_reference_tokens
 from klein_jax.scheduler import euler_step
 
@@ -87,7 +86,7 @@ class _Graphs:
     text_encoder: Any
 
 
-def _reference_tokens(inputs: dict, plan: GeneratePlan) -> jax.Array:
+def _reference_tokens(inputs: dict) -> jax.Array:
     """(B, R, C): the references' valid tokens gathered from the slots, padding rows at the end."""
     slots = jnp.concatenate(inputs["ref_slots"], axis=1)  # MAX_REFERENCES x (B, S, C) -> (B, 4S, C)
     return jnp.take(slots, inputs["ref_index"], axis=1)  # (B, 4S, C) -> (B, R, C)
@@ -99,7 +98,7 @@ def _velocity(transformer, latents: jax.Array, step: jax.Array, inputs: dict, pl
     T = inputs["text_embeds"].shape[1]
     x, img_ids, kv_lengths = latents, inputs["target_ids"], None
     if plan.ref_tokens:
-        refs = _reference_tokens(inputs, plan).astype(latents.dtype)
+        refs = _reference_tokens(inputs).astype(latents.dtype)
         x = jnp.concatenate([latents, refs], axis=1)  # (B, L + R, C): target first, then references
         img_ids = jnp.concatenate([img_ids, inputs["ref_ids"]], axis=0)  # (L + R, 4)
         kv_lengths = jnp.full((B,), T + L, jnp.int32) + inputs["ref_count"]  # padding at the end is not a key
@@ -112,8 +111,7 @@ def _velocity(transformer, latents: jax.Array, step: jax.Array, inputs: dict, pl
         x, sigma, text = (jnp.concatenate([a, a]) for a in (x, sigma, text))
         text = text.at[B:].set(negative)
         kv_lengths = None if kv_lengths is None else jnp.concatenate([kv_lengths, kv_lengths])
-    kwargs = {} if kv_lengths is None else {"kv_lengths": kv_lengths}
-    velocity = transformer(x, text, sigma, img_ids, inputs["text_ids"], **kwargs)[:, :L]
+    velocity = transformer(x, text, sigma, img_ids, inputs["text_ids"], kv_lengths=kv_lengths)[:, :L]
     if plan.guidance:
         cond, uncond = velocity[:B], velocity[B:]
         velocity = uncond + inputs["guidance_scale"].astype(velocity.dtype) * (cond - uncond)
@@ -189,6 +187,13 @@ class Sampler:
         self.compile_count = 0
         self.compile_seconds = 0.0
 
+    def module(self, name: str):
+        """The "transformer", "vae" or "text_encoder" module, merged from the split state (shares its arrays)."""
+        states = {"transformer": self._transformer_state, "vae": self._vae_state, "text_encoder": self._text_state}
+        if name not in states:
+            raise ValueError(f"module {name!r} is not one of {', '.join(states)}")
+        return nnx.merge(getattr(self._graphs, name), states[name])
+
     # ------------------------------------------------------------------------------------------ compilation
 
     def has(self, plan) -> bool:
@@ -221,9 +226,7 @@ class Sampler:
         if isinstance(plan, GeneratePlan):
             fn = functools.partial(_generate, graphs=graphs, plan=plan)
             return fn, ((self._transformer_state, self._vae_state), self.generate_input_specs(plan))
-        if isinstance(plan, NoisePlan):
-        return f"noise {plan.tokens} tokens batch={plan.batch}"
-    if isinstance(plan, StepPlan):
+        if isinstance(plan, StepPlan):
             inputs = self.generate_input_specs(plan.generate)
             latents = self._latent_spec(plan.generate.batch, plan.generate.grid)
             fn = functools.partial(_generate_step, graphs=graphs, plan=plan.generate)
@@ -285,7 +288,8 @@ class Sampler:
                           timings: dict[str, float] | None = None) -> jax.Array:
         """The same images one Euler step per call, calling on_step(step, steps) after each; fills
         timings["denoise_ms"] and timings["decode_ms"] (compilation excluded) when given."""
-        noise_program = None if plan.external_noise else self.program(NoisePlan(plan.batch, plan.grid[0] * plan.grid[1]))
+        tokens = plan.grid[0] * plan.grid[1]
+        noise_program = None if plan.external_noise else self.program(NoisePlan(plan.batch, tokens))
         step_program = self.program(StepPlan(plan))
         decode_program = self.program(DecodePlan(plan.batch, plan.grid))
         start = time.perf_counter()
@@ -306,6 +310,8 @@ def _describe(plan, pixels_per_token: int) -> str:
         return f"text encoder batch={plan.batch}"
     if isinstance(plan, ReferencePlan):
         return f"reference encoder {plan.pixels[1]}x{plan.pixels[0]} batch={plan.batch}"
+    if isinstance(plan, NoisePlan):
+        return f"noise {plan.tokens} tokens batch={plan.batch}"
     if isinstance(plan, NoisePlan):
         return f"noise {plan.tokens} tokens batch={plan.batch}"
     if isinstance(plan, StepPlan):

@@ -11,12 +11,11 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-import httpx
 from quart import Quart, Response, g, request
 
 from klein_jax.aspect_ratios import ASPECT_RATIOS
 from server.auth import ApiKeys
-from server.errors import RequestError, install_error_handler
+from server.errors import install_error_handler
 from server.fetch import ImageFetcher, Resolver
 from server.forms import read_form, validate_form
 from server.metrics import Metrics
@@ -24,20 +23,17 @@ from server.openapi import build_openapi
 from server.service import GenerateService, workflow_name
 from server.settings import Settings
 
-log = logging.getLogger(__name__)
 access_log = logging.getLogger("server.access")
 
 _CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 _TIMING_STAGES = ("parse", "fetch", "decode", "prepare", "queue", "generate", "encode")
 
 
-def create_app(models: Mapping[str, Any], settings: Settings, *, resolver: Resolver | None = None,
-               fetch_transport: httpx.AsyncBaseTransport | None = None) -> Quart:
+def create_app(models: Mapping[str, Any], settings: Settings, *, resolver: Resolver | None = None) -> Quart:
     """The server app for `models` (id -> KleinPipeline-like object); the device worker starts with the app.
 
     Args:
-      resolver: async (host, port) -> addresses for image_uris hosts; the system resolver by default.
-      fetch_transport: an httpx transport for image_uris fetches (tests); a real network transport by default.
+      resolver: async (host, port) -> addresses, used for image_uris hosts; the system resolver by default.
     """
     if not models:
         raise ValueError("create_app needs at least one model")
@@ -45,7 +41,7 @@ def create_app(models: Mapping[str, Any], settings: Settings, *, resolver: Resol
     app.config.update(MAX_CONTENT_LENGTH=settings.max_body_bytes, MAX_FORM_PARTS=settings.max_form_parts,
                       MAX_FORM_MEMORY_SIZE=settings.max_body_bytes)
     metrics = Metrics()
-    fetcher = ImageFetcher(settings, resolver=resolver, transport=fetch_transport)
+    fetcher = ImageFetcher(settings, resolver=resolver)
     service = GenerateService(models, settings, metrics, fetcher)
     keys = ApiKeys(settings.api_keys) if settings.auth else None
     document = build_openapi(list(models), settings)
@@ -73,8 +69,8 @@ def create_app(models: Mapping[str, Any], settings: Settings, *, resolver: Resol
     async def finish(response: Response) -> Response:
         total_ms = (time.perf_counter() - g.get("started_s", time.perf_counter())) * 1000.0
         response.headers["X-Request-ID"] = g.get("request_id", "-")
-        model = g.fields.get("model") if "fields" in g else None
-        if getattr(models.get(model), "is_demo", False) if model else any_demo:
+        model = g.get("fields", {}).get("model")  # known once the form is valid
+        if (getattr(models[model], "is_demo", False) if model else any_demo):
             response.headers["X-Klein-Demo"] = "true; random weights, the images are noise"
         route = request.url_rule.rule if request.url_rule is not None else "unmatched"
         metrics.requests.labels(route, request.method, str(response.status_code)).inc()

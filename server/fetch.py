@@ -93,18 +93,16 @@ def decode_data_uri(uri: str, *, max_bytes: int, label: str) -> bytes:
 class ImageFetcher:
     """Fetches image_uris concurrently under the SSRF policy and the byte, time and redirect limits."""
 
-    def __init__(self, settings: Settings, *, resolver: Resolver | None = None,
-                 transport: httpx.AsyncBaseTransport | None = None):
+    def __init__(self, settings: Settings, *, resolver: Resolver | None = None):
         self.settings = settings
         self.policy = AddressPolicy(settings.allow_hosts, settings.allow_networks)
         self.resolver = resolver or system_resolver
-        self._transport = transport
         self._client: httpx.AsyncClient | None = None
 
     async def start(self) -> None:
         """Opens the HTTP client (no proxies from the environment, no keep-alive: each hop connects anew)."""
         self._client = httpx.AsyncClient(
-            trust_env=False, follow_redirects=False, transport=self._transport,
+            trust_env=False, follow_redirects=False,
             timeout=httpx.Timeout(self.settings.fetch_timeout_s),
             limits=httpx.Limits(max_connections=64, max_keepalive_connections=0),
             headers={"User-Agent": "klein-serve", "Accept": "image/*"},
@@ -133,8 +131,8 @@ class ImageFetcher:
 
     async def fetch(self, uri: str, *, label: str) -> bytes:
         """The bytes behind one http(s):// or data: URI."""
-        if uri[:5].lower() == "data:":
-            return decode_data_uri(uri, max_bytes=self.settings.max_image_bytes, label=label)
+        if uri[:5].lower() == "data:":  # base64 of up to max_image_bytes: off the event loop
+            return await asyncio.to_thread(decode_data_uri, uri, max_bytes=self.settings.max_image_bytes, label=label)
         url = _parse_http_url(uri, label)
         try:
             async with asyncio.timeout(self.settings.fetch_timeout_s):

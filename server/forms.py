@@ -161,7 +161,8 @@ def _image_uris(value: str | None) -> tuple[str, ...]:
     try:
         uris = json.loads(value)
     except (ValueError, RecursionError) as e:
-        raise RequestError(422, f"image_uris is not valid JSON ({str(e)[:100]}); send a JSON array of strings") from None
+        raise RequestError(422, f"image_uris is not valid JSON ({str(e)[:100]}); send a JSON array of "
+                                "strings") from None
     if not isinstance(uris, list) or not all(isinstance(uri, str) for uri in uris):
         raise RequestError(422, "image_uris must be a JSON array of strings")
     for i, uri in enumerate(uris):

@@ -22,7 +22,8 @@ def decode_image(data: bytes, *, max_pixels: int, label: str) -> Image.Image:
     except UnidentifiedImageError:
         raise RequestError(422, f"{label} is not a {', '.join(SUPPORTED_FORMATS)} image") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise RequestError(422, f"{label} is a decompression bomb ({_reason(e)}); at most {max_pixels} pixels") from None
+        raise RequestError(422, f"{label} is a decompression bomb ({_reason(e)}); at most {max_pixels} "
+                                "pixels") from None
     except _DECODE_ERRORS as e:
         raise RequestError(422, f"{label} could not be decoded: {_reason(e)}") from None
     with image:

@@ -100,8 +100,8 @@ def build_openapi(model_ids: Sequence[str], settings: Settings) -> dict:
             "/healthz": _get("The process is up", "healthz", json_ok),
             "/readyz": _get("Weights loaded and every program compiled", "readyz", json_ok,
                             ("503", _error("Not ready yet (compiling) or start-up failed.", "Retry-After"))),
-            "/metrics": _get("Prometheus metrics", "metrics", {"description": "Prometheus text format",
-                                                               "content": {"text/plain": {"schema": {"type": "string"}}}}),
+            "/metrics": _get("Prometheus metrics", "metrics", {
+                "description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}}),
             "/openapi.json": _get("This document", "openapi", json_ok),
         },
         "components": {

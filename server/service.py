@@ -20,7 +20,7 @@ from server.forms import GenerateForm
 from server.images import decode_image
 from server.metrics import Metrics
 from server.settings import Settings
-from server.worker import DeviceWorker, QueueFull, WorkerStopped
+from server.worker import DeviceWorker, Job, QueueFull, WorkerStopped
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ class GenerateService:
         except TimeoutError:
             self.worker.cancel(job)  # if it has not started, it never will
             raise RequestError(504, f"generation (queue wait included) took longer than the server's limit of "
-                                    f"{self.settings.timeout_s:g} s; retry later or with fewer concurrent requests") from None
+                                    f"{self.settings.timeout_s:g} s; retry later") from None
         except WorkerStopped as e:
             raise RequestError(503, str(e), headers={"Retry-After": str(self.settings.retry_after_s)}) from None
         except asyncio.CancelledError:  # the client went away: do not run its work if it has not started
@@ -168,7 +168,7 @@ class GenerateService:
         return image, job.batch_size
 
 
-def _record_job_timings(job, timings: dict[str, float]) -> None:
+def _record_job_timings(job: Job, timings: dict[str, float]) -> None:
     end = job.started_s if job.started_s is not None else time.perf_counter()
     timings["queue"] = (end - job.enqueued_s) * 1000.0
     if job.started_s is not None and job.finished_s is not None:

@@ -1,4 +1,4 @@
-"""Helpers of the server tests: a fake pipeline, an in-process app client, a loopback HTTP server, a subprocess server."""
+"""Server test helpers: a fake pipeline, an in-process app client, loopback HTTP servers, a server subprocess."""
 
 from __future__ import annotations
 

@@ -5,6 +5,7 @@ klein-convert, both run in float32 on CPU from the same initial noise (`latents=
 """
 
 import contextlib
+import dataclasses
 
 import jax
 import numpy as np
@@ -17,10 +18,12 @@ from tiny_pipeline import load_reference_pipeline, make_tiny_diffusers_pipeline
 from convert.cli import main as convert_main
 from klein_jax import latents as latent_ops
 from klein_jax.buckets import ReferenceBuckets
-from klein_jax.configs import TINY_TEXT_ENCODER, TINY_TRANSFORMER
+from klein_jax.configs import TINY_TEXT_ENCODER, TINY_TRANSFORMER, TINY_VAE
 from klein_jax.demo import build_demo_pipeline, random_module
 from klein_jax.models.transformer import Flux2Transformer
+from klein_jax.models.vae import Flux2VAE
 from klein_jax.pipeline import KleinPipeline, PreparedRequest
+from klein_jax.reference_encoder import encode_reference_tokens
 from klein_jax.sampler import GeneratePlan
 
 OUT_LAYERS = TINY_TEXT_ENCODER.out_layers  # the tiny text encoder's hidden states (diffusers: text_encoder_out_layers)
@@ -134,6 +137,43 @@ def test_padded_references_equal_unpadded():
     assert np.abs(got - want).max() < 1e-5 * np.abs(want).max()
     unmasked = np.asarray(run(state, padded_x, text, sigma, padded_ids, latent_ops.text_ids(T)))[:, : L + R]
     assert np.abs(unmasked - want).max() > 1e-2 * np.abs(want).max()  # the mask is what makes them equal
+
+
+def test_masked_reference_encoding_equals_unpadded():
+    """A 4-level VAE with mid-block attention (GroupNorm, downsamplers, attention all masked), padded to buckets."""
+    config = dataclasses.replace(TINY_VAE, block_out_channels=(16, 16, 32, 32), norm_num_groups=8,
+                                 down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+    rng = np.random.default_rng(0)
+    vae = random_module(Flux2VAE, config, rng)
+    encode = jax.jit(lambda pixels, valid: encode_reference_tokens(vae, pixels, valid, slot_tokens=100))
+    unpadded = jax.jit(vae.encode_packed)
+    (h, w), (H, W) = (80, 112), (128, 192)
+    image = rng.uniform(-1, 1, (2, h, w, 3)).astype(np.float32)
+    want = np.asarray(unpadded(image)).reshape(2, -1, 128)  # (B, h/16 * w/16, 128), row-major
+    padded = np.zeros((2, H, W, 3), np.float32)
+    padded[:, :h, :w] = image
+    got = np.asarray(encode(padded, np.array([h, w], np.int32)))
+    n = want.shape[1]
+    assert np.abs(got[:, :n] - want).max() < 1e-5 * np.abs(want).max()
+    assert not got[:, n:].any()  # slot rows past the valid tokens are zero
+
+
+def test_reference_buckets_hold_every_reference():
+    buckets = ReferenceBuckets.default(16)
+    assert buckets == ReferenceBuckets(grid_areas=(256, 1024, 4096), token_buckets=(4096, 8192, 16384))
+    assert len(buckets.grids) == 21 and buckets.slot_tokens == 46 * 128
+    for width in range(64, 2900, 16):
+        for height in range(64, 2900, 16):
+            if width * height <= 1024 * 1024 and max(width / height, height / width) <= 8:
+                rows, cols = buckets.grid_for(height // 16, width // 16)
+                assert rows * 16 >= height and cols * 16 >= width
+                assert rows * cols <= max(5.3 * (height // 16) * (width // 16), 12 * 32)  # docs/pipeline.md
+    assert buckets.grid_for(64, 70) == (64, 91)  # 4480 tokens: more than the cap allows, still held
+    assert buckets.grid_for(10, 400) is None
+    assert [buckets.tokens_for(n) for n in (0, 1, 4096, 4097, 16384, 20000)] == [0, 4096, 4096, 8192, 16384, 20000]
+    assert buckets.token_buckets_for(0) == (0,)
+    assert buckets.token_buckets_for(1) == (0, 4096)
+    assert buckets.token_buckets_for(4) == (0, 4096, 8192, 16384)
 
 
 # ----------------------------------------------------------------------------------------- seeds, batches
@@ -282,7 +322,8 @@ def test_persistent_compilation_cache_serves_a_restart(distilled, tmp_path):
     """A second pipeline (as after a restart) with the same cache folder loads its programs instead of compiling."""
     from jax.experimental.compilation_cache import compilation_cache
 
-    folder = distilled[2]
+    loaded = distilled[1]
+    modules = (loaded.transformer, loaded.vae, loaded.text_encoder, loaded.tokenizer)
     previous = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
     hits = []
 
@@ -293,8 +334,7 @@ def test_persistent_compilation_cache_serves_a_restart(distilled, tmp_path):
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.monitoring.register_event_listener(listener)
     try:
-        pipes = [KleinPipeline.from_pretrained(folder, "float32", compilation_cache_dir=tmp_path / "xla")
-                 for _ in range(2)]
+        pipes = [KleinPipeline(*modules, is_distilled=True, compilation_cache_dir=tmp_path / "xla") for _ in range(2)]
         images = []
         for i, pipe in enumerate(pipes):
             hits.clear()

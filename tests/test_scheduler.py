@@ -1,4 +1,4 @@
-"""The flow-matching schedule and Euler step against diffusers (Flux2KleinPipeline + FlowMatchEulerDiscreteScheduler)."""
+"""The flow-matching schedule and Euler step against diffusers (Flux2KleinPipeline, FlowMatchEulerDiscreteScheduler)."""
 
 import jax.numpy as jnp
 import numpy as np

@@ -227,7 +227,8 @@ def test_ssrf_attempts_are_refused_before_connecting(client, servers, target, de
 
 
 @pytest.mark.parametrize("path, detail", [
-    ("/missing.png", "answered HTTP 404"), ("/loop", "more than 3 redirects"), ("/big.png", "larger than 65536 bytes (Content-Length"),
+    ("/missing.png", "answered HTTP 404"), ("/loop", "more than 3 redirects"),
+    ("/big.png", "larger than 65536 bytes (Content-Length"),
     ("/big-stream.png", "larger than 65536 bytes"),
     ("/text", "is not a PNG"), ("/bomb.png", "decompression bomb"),
 ])

@@ -2,11 +2,11 @@
 
 `python -m server --demo` on a loopback port serves the demo model (as flux2-klein-4b, every aspect ratio); a second
 `python -m server --model tiny=...` serves a tiny model converted with klein-convert. Both take API keys from
-KLEIN_API_KEYS and allow-list 127.0.0.2/32 for the test's image server. Traffic only ever goes to loopback addresses: the SSRF cases must be refused before connecting, and
-trap servers on 127.0.0.1 and ::1 assert that no request reached them. The 500 and 504 rows need a failing or
-slow model and are covered in-process by test_server_app.py, as are batching and the queue-full 503 with exact
-counts. A demo image of 1 MP takes seconds on a CPU, so this module generates few: the eight sizes, two workflow
-requests, the tiny model's, and the load test's.
+KLEIN_API_KEYS and allow-list 127.0.0.2/32 for the test's image server. Traffic only ever goes to loopback addresses:
+the SSRF cases must be refused before connecting, and trap servers on 127.0.0.1 and ::1 assert that no request
+reached them. The 500 and 504 rows need a failing or slow model and are covered in-process by test_server_app.py,
+as are batching and the queue-full 503 with exact counts. A demo image of 1 MP takes seconds on a CPU, so this module
+generates few: the eight sizes, two workflow requests, the tiny model's, and the load test's.
 """
 
 from __future__ import annotations
@@ -15,10 +15,20 @@ import base64
 import importlib.util
 import json
 import re
+import sys
 
 import httpx
 import pytest
-from server_support import COMPILE_CACHE, REPO, RecordingServer, ServerProcess, bomb_png, data_uri, decode_png, png_bytes
+from server_support import (
+    COMPILE_CACHE,
+    REPO,
+    RecordingServer,
+    ServerProcess,
+    bomb_png,
+    data_uri,
+    decode_png,
+    png_bytes,
+)
 
 from klein_jax.aspect_ratios import ASPECT_RATIOS
 
@@ -239,9 +249,10 @@ def test_ssrf_refused_without_connecting(http, images, uri):
 def test_load_at_twice_the_queue_capacity(server):
     spec = importlib.util.spec_from_file_location("load_test", REPO / "benchmarks" / "load_test.py")
     load_test = importlib.util.module_from_spec(spec)
+    sys.modules["load_test"] = load_test  # dataclasses look their module up while the class is built
     spec.loader.exec_module(load_test)
     result = load_test.run_load(server.base_url, requests=300, concurrency=2 * MAX_QUEUE, duration_s=120,
-                                api_key=KEY, server_pid=server.proc.pid, warmup=0)
+                                api_key=KEY, server_pid=server.proc.pid, warmup=1, backoff_ms=20)
     print(result.summary())
     assert load_test.check(result, max_rss_growth_mib=64) == []
     assert result.requests == result.answered == sum(result.statuses.values())

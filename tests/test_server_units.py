@@ -61,7 +61,8 @@ def test_api_keys_repr_hides_the_keys():
 
 # ---- settings ----
 
-@pytest.mark.parametrize("max_batch, sizes", [(1, (1,)), (2, (1, 2)), (3, (1, 2, 3)), (4, (1, 2, 4)), (6, (1, 2, 4, 6))])
+@pytest.mark.parametrize("max_batch, sizes", [(1, (1,)), (2, (1, 2)), (3, (1, 2, 3)), (4, (1, 2, 4)),
+                                              (6, (1, 2, 4, 6))])
 def test_batch_sizes_are_powers_of_two_and_max_batch(max_batch, sizes):
     assert Settings(auth=False, max_batch=max_batch).batch_sizes == sizes
 
@@ -315,6 +316,7 @@ def test_parse_models():
     (["--demo", "--max-batch", "0"], {"KLEIN_API_KEYS": "k"}, 2, "max_batch=0 must be at least 1"),
     (["--demo"], {"KLEIN_API_KEYS_FILE": "/nonexistent/keys"}, 1, "cannot read KLEIN_API_KEYS_FILE"),
     (["--demo", "--allow-networks", "nope"], {"KLEIN_API_KEYS": "k"}, 2, "network 'nope'"),
+    (["--demo", "--compile-references", "5"], {"KLEIN_API_KEYS": "k"}, 2, "compile_references=5 must be in 0..4"),
 ])
 def test_cli_refuses_bad_arguments_with_one_line(monkeypatch, capsys, argv, env, status, message):
     for name in ("KLEIN_API_KEYS", "KLEIN_API_KEYS_FILE", "KLEIN_MODEL", "KLEIN_DEMO", "KLEIN_NO_AUTH"):
