@@ -21,7 +21,6 @@ needed.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os

@@ -29,7 +29,8 @@ def weights_on_disk(model_id: str) -> str | None:
 def load_pipeline_or_demo(model_id: str, *, use_demo: bool | None = None, dtype: str = "bfloat16"):
     """`KleinPipeline.from_pretrained(model_id)` when its weights are on disk, else the tiny demo model.
 
-    use_demo: True forces the demo model, False forces the real weights (downloading them), None decides by what is on disk.
+    use_demo: True forces the demo model, False forces the real weights (downloading them), None decides by what is
+      on disk.
     """
     from klein_jax.demo import build_demo_pipeline
     from klein_jax.pipeline import KleinPipeline

@@ -183,6 +183,9 @@ async def _serve(app, sock: socket.socket) -> None:
     config.accesslog = None  # the app writes its own JSON access log
     config.errorlog = logging.getLogger("hypercorn.error")
     config.graceful_timeout = 5.0
+    # Longer than clients' idle keep-alive (httpx, requests: 5 s; the same as hypercorn's default): a client then
+    # drops an idle connection before the server does, instead of sending a request as the server closes it.
+    config.keep_alive_timeout = 75.0
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

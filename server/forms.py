@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import re
@@ -76,7 +77,10 @@ async def read_form(request: Request, settings: Settings) -> tuple[MultiDict, Mu
         stream_factory=lambda total, content_type, filename, length: _BoundedSpool(settings.max_image_bytes, filename),
     )
     try:
-        return await parser.parse(request.body, request.mimetype, request.content_length, request.mimetype_params)
+        return await asyncio.wait_for(parser.parse(request.body, request.mimetype, request.content_length,
+                                                   request.mimetype_params), request.body_timeout)
+    except TimeoutError:
+        raise RequestError(408, f"the request body did not arrive within {request.body_timeout} s") from None
     except UnicodeDecodeError:
         raise RequestError(422, "form body is not valid UTF-8") from None
     except ValueError as e:  # werkzeug's multipart decoder: missing boundary, broken part headers...

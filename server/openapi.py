@@ -67,6 +67,7 @@ def _generate_operation(model_ids: Sequence[str], settings: Settings) -> dict:
                     "X-Klein-Queue-Ms", "X-Klein-Generate-Ms", "Server-Timing", "X-Klein-Demo")},
             },
             "401": _error("Missing, malformed or unknown API key.", "WWW-Authenticate"),
+            "408": _error("The body did not arrive within the server's body timeout (60 s)."),
             "413": _error(f"Body over {settings.max_body_bytes} bytes or over {settings.max_form_parts} form fields."),
             "422": _error("A field failed validation: prompt, model, aspect_ratio, seed, image_uris (bad JSON, a "
                           "scheme other than http(s)/data, a forbidden address, an image that cannot be fetched "

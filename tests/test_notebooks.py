@@ -50,3 +50,21 @@ def test_notebook_runs_and_shows_an_image(path, tmp_path, compile_cache):
     assert images, f"{path.name} displayed no image"
     errors = [o for cell in book.cells if cell.cell_type == "code" for o in cell.outputs if o.output_type == "error"]
     assert not errors
+
+
+def test_notebook_utils_values():
+    from PIL import Image
+
+    from klein_jax.notebook_utils import human_bytes, image_grid, markdown_table, weights_on_disk
+
+    assert [human_bytes(n) for n in (999, 1000, 7_751_089_152, 168_092_742)] == ["999 B", "1.00 KB", "7.75 GB",
+                                                                                  "168.09 MB"]
+    assert markdown_table(["a", "b"], [(1, "x")]) == "| a | b |\n|---|---|\n| 1 | x |"
+    grid = image_grid([Image.new("RGB", (10, 6), "red"), Image.new("RGB", (4, 8), "blue"),
+                       Image.new("RGB", (10, 8), "green")], cols=2, pad=2)
+    assert grid.size == (2 * 10 + 2, 2 * 8 + 2)  # cells of the largest width and height
+    assert grid.getpixel((0, 0)) == (255, 0, 0) and grid.getpixel((12, 0)) == (0, 0, 255)
+    assert grid.getpixel((0, 10)) == (0, 128, 0) and grid.getpixel((21, 17)) == (255, 255, 255)
+    assert weights_on_disk("no-such-owner/no-such-model-for-klein-tests") is None
+    with pytest.raises(ValueError, match="at least one image"):
+        image_grid([])

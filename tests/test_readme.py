@@ -61,7 +61,7 @@ SKIPPED = {  # command -> why it cannot run here (tests/test_docs.py still parse
     'curl -s -o fox.png -H "Authorization: Bearer $KEY" -F prompt="a red fox in the snow" -F aspect_ratio=landscape '
     "http://127.0.0.1:8000/v1/generate": "calls the operator's real-model server with its API key",
     ".venv/bin/pip install jupyterlab && .venv/bin/jupyter lab notebooks/":
-        "installs JupyterLab from PyPI and starts an interactive server; tests/test_notebooks.py executes the notebooks",
+        "installs JupyterLab from PyPI and starts an interactive server; tests/test_notebooks.py runs the notebooks",
     '.venv/bin/klein-generate --model models/klein-4b --prompt "a red fox in the snow, golden hour" --aspect-ratio '
     "landscape --seed 1 --out fox.png": "needs the converted real model (a download)",
 }
@@ -118,7 +118,8 @@ def env(tmp_path_factory):
 def run(command: str, cwd: pathlib.Path, env: dict, timeout_s: float = 300) -> subprocess.CompletedProcess:
     result = subprocess.run(["bash", "-c", command], cwd=cwd, env=env, capture_output=True, text=True,
                             timeout=timeout_s)
-    assert result.returncode == 0, f"{command}\nexit {result.returncode}\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
+    assert result.returncode == 0, (f"{command}\nexit {result.returncode}\n{result.stdout[-2000:]}\n"
+                                    f"{result.stderr[-3000:]}")
     return result
 
 

@@ -254,7 +254,7 @@ def test_openapi_documents_every_route_and_status(client):
     for path, methods in routes.items():
         assert set(doc["paths"][path]) == {m.lower() for m in methods}
     post = doc["paths"]["/v1/generate"]["post"]
-    assert set(post["responses"]) == {"200", "401", "405", "413", "422", "500", "503", "504"}
+    assert set(post["responses"]) == {"200", "401", "405", "408", "413", "422", "500", "503", "504"}
     multipart = post["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]
     assert set(multipart) == {"prompt", "model", "aspect_ratio", "images", "image_uris", "seed"}
     assert multipart["aspect_ratio"]["enum"] == list(ASPECT_RATIOS)

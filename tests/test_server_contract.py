@@ -62,7 +62,9 @@ def images():
         server.close()
 
 
-COMMON_ARGS = ["--max-queue", str(MAX_QUEUE), "--max-batch", str(MAX_BATCH), "--compile-references", "0",
+# --timeout-s 300: a full queue drains in (MAX_QUEUE + MAX_BATCH) x ~10 s here, so overload must show as 503, not 504.
+COMMON_ARGS = ["--max-queue", str(MAX_QUEUE), "--max-batch", str(MAX_BATCH), "--timeout-s", "300",
+               "--compile-references", "0",
                "--compile-cache", str(COMPILE_CACHE), "--allow-networks", "127.0.0.2/32",
                "--max-body-bytes", str(2 * 2**20), "--max-image-bytes", str(2**20),
                "--max-image-pixels", str(2048 * 2048), "--fetch-timeout-s", "10"]
