@@ -66,7 +66,6 @@ class LoadResult:
             "images_per_s": round(self.statuses.get(200, 0) / self.wall_s, 2),
             "p50_ms_200": round(self.percentile_ms(50), 1), "p99_ms_200": round(self.percentile_ms(99), 1),
             "rss_start_mib": round(rss[0] / mib, 1) if rss else None,
-            "rss_middle_mib": round(rss[len(rss) // 2] / mib, 1) if rss else None,
             "rss_end_mib": round(rss[-1] / mib, 1) if rss else None,
             "rss_max_mib": round(max(rss) / mib, 1) if rss else None,
         }

@@ -62,9 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how long a batch waits for more requests of its shape")
     p.add_argument("--aspect-ratios", type=_aspect_ratios, default=_env("ASPECT_RATIOS", "all"),
                    metavar="all|NAME,...", help="aspect ratios to compile and serve")
-    p.add_argument("--compile-references", type=int, default=_env("COMPILE_REFERENCES", "4"), metavar="N",
-                   help="compile programs for up to N reference images at start-up (0-4); requests with more "
-                        "compile theirs on first use (a slow first request)")
+    p.add_argument("--compile-references", type=int, default=_env("COMPILE_REFERENCES"), metavar="N",
+                   help="compile programs for up to N reference images at start-up (0-4; default 4, and 0 with "
+                        "--demo so that the CPU demo is ready in minutes); requests with more compile theirs on "
+                        "first use (a slow first request)")
     p.add_argument("--allow-hosts", action="append", default=[_env("ALLOW_HOSTS")] if _env("ALLOW_HOSTS") else [],
                    metavar="HOST,...", help="image_uris hosts fetched whatever they resolve to ('.example.com': "
                                             "every subdomain); repeatable")
@@ -117,12 +118,19 @@ def _read_keys() -> tuple[str, ...]:
     return parse_api_keys(os.environ.get("KLEIN_API_KEYS"), file_text)
 
 
+def _compile_references(args: argparse.Namespace) -> int:
+    """--compile-references, defaulting to every reference count, or none for the CPU demo."""
+    if args.compile_references is not None:
+        return int(args.compile_references)
+    return 0 if args.demo else Settings.compile_references
+
+
 def settings_from_args(args: argparse.Namespace, api_keys: tuple[str, ...]) -> Settings:
     """Settings from parsed flags (ValueError on bad values)."""
     return Settings(
         host=args.host, port=args.port, api_keys=api_keys, auth=not args.no_auth, timeout_s=args.timeout_s,
         max_queue=args.max_queue, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
-        aspect_ratios=args.aspect_ratios, compile_references=args.compile_references,
+        aspect_ratios=args.aspect_ratios, compile_references=_compile_references(args),
         max_body_bytes=args.max_body_bytes, max_image_bytes=args.max_image_bytes,
         max_image_pixels=args.max_image_pixels, fetch_timeout_s=args.fetch_timeout_s,
         max_redirects=args.max_redirects, allow_hosts=parse_hosts(args.allow_hosts),

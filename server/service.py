@@ -77,9 +77,12 @@ class GenerateService:
         start = time.perf_counter()
         for model_id, pipe in self.models.items():
             model_start = time.perf_counter()
-            count = pipe.compile(aspect_ratios=list(self.settings.aspect_ratios),
-                                 max_references=self.settings.compile_references,
-                                 batch_sizes=self.settings.batch_sizes)
+            ratios = list(self.settings.aspect_ratios)
+            # Text-to-image at every batch size; with references, batch size 1 only (the worker never batches them).
+            count = pipe.compile(aspect_ratios=ratios, max_references=0, batch_sizes=self.settings.batch_sizes)
+            if self.settings.compile_references:
+                count += pipe.compile(aspect_ratios=ratios, max_references=self.settings.compile_references,
+                                      batch_sizes=(1,))
             self.compiled_programs += count
             log.info("compiled %d programs for model %s in %.1f s", count, model_id, time.perf_counter() - model_start)
         self.metrics.compiled_programs.set(self.compiled_programs)

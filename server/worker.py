@@ -131,13 +131,16 @@ class DeviceWorker:
                 if self._stopping:
                     return None
                 key = self._queue[0].key
+                # Programs with references are compiled for batch size 1 only (service._compile_all): their
+                # requests rarely share reference shapes, and batch sizes multiply the start-up compile time.
+                limit = 1 if self._queue[0].prepared.references else self.max_batch
                 deadline = time.monotonic() + self.batch_wait_s
-                while self._count(key) < self.max_batch and not self._stopping:
+                while self._count(key) < limit and not self._stopping:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         break
                     self._cond.wait(remaining)
-                batch = [job for job in self._queue if job.key == key][: self.max_batch]
+                batch = [job for job in self._queue if job.key == key][:limit]
                 if batch:  # empty if every job of that key was cancelled while we waited
                     start = time.perf_counter()
                     for job in batch:

@@ -44,6 +44,10 @@ class FakePrepared:
     def batch_key(self):
         return self.width, self.height, self.reference_sizes
 
+    @property
+    def references(self):
+        return self.reference_sizes
+
 
 class FakePipeline:
     """Solid-colour images whose colour hashes prompt, seed and the references in order."""

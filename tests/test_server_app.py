@@ -379,4 +379,22 @@ def test_demo_header_and_compile_arguments():
         assert "not enabled on this server" in _detail_only(client.generate({"prompt": "p"}, key=None), 422)
     finally:
         client.close()
-    assert pipe.compile_calls == [dict(aspect_ratios=["square", "wide"], max_references=4, batch_sizes=(1, 2, 3))]
+    assert pipe.compile_calls == [dict(aspect_ratios=["square", "wide"], max_references=0, batch_sizes=(1, 2, 3)),
+                                  dict(aspect_ratios=["square", "wide"], max_references=4, batch_sizes=(1,))]
+
+
+def test_requests_with_references_run_one_at_a_time():
+    # Reference programs are compiled for batch size 1 only, so the worker must never batch such requests.
+    pipe = FakePipeline(delay_s=0.3)
+    client = AppClient(create_app({"flux2-klein-4b": pipe}, Settings(auth=False, max_batch=4, batch_wait_ms=20)))
+    try:
+        first = client.generate_async({"prompt": "first", "aspect_ratio": "square"}, key=None)
+        pipe.run_started.wait(5)
+        rest = [client.generate_async({"prompt": f"p{i}", "aspect_ratio": "square", "seed": str(i)},
+                                      [("images", "ref.png", RED)], key=None) for i in range(3)]
+        answers = [f.result(30) for f in rest]
+        assert first.result(30).status == 200
+    finally:
+        client.close()
+    assert [a.headers["X-Klein-Batch-Size"] for a in answers] == ["1"] * 3
+    assert sorted(len(b) for b in pipe.batches) == [1, 1, 1, 1]

@@ -99,7 +99,7 @@ def _check(answer, r):
     assert list(body) == ["detail"] and isinstance(body["detail"], str) and body["detail"]
 
 
-@settings(max_examples=35, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=35, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 @given(r=requests)
 def test_generate_never_fails_and_answers_png_or_detail(client, r):
     answer = _send(client, r)
