@@ -226,16 +226,7 @@ def component_tensors(name: str, module) -> dict[str, np.ndarray]:
 
 def pipeline_modules(pipe) -> dict[str, Any]:
     """The pipeline's transformer, vae and text_encoder nnx modules."""
-    modules = {}
-    for name in COMPONENTS:
-        module = getattr(pipe, name, None)
-        if module is None:  # KleinPipeline keeps the split modules on its sampler
-            sampler = pipe.sampler
-            state = {"transformer": sampler._transformer_state, "vae": sampler._vae_state,
-                     "text_encoder": sampler._text_state}[name]
-            module = nnx.merge(getattr(sampler._graphs, name), state)
-        modules[name] = module
-    return modules
+    return {name: getattr(pipe, name) for name in COMPONENTS}
 
 
 # -------------------------------------------------------------------------------------------------- export
