@@ -52,7 +52,7 @@ SKIPPED = {  # command -> why it cannot run here (tests/test_docs.py still parse
     "python3 -m venv .venv && .venv/bin/pip install -e .":
         "creates a virtual environment and installs from PyPI; .ci/run does this set-up before the tests",
     "bash .ci/run": "the test command itself: it runs this test",
-    'python3 -m venv .venv && .venv/bin/pip install -e . "jax[cuda12]" # on a TPU VM: "jax[tpu]"':
+    'python3 -m venv .venv && .venv/bin/pip install -e . "jax[cuda13]" # CUDA 12 drivers: "jax[cuda12]"; a TPU VM: "jax[tpu]"':
         "installs the CUDA (or TPU) build of JAX: needs an accelerator VM",
     ".venv/bin/klein-convert black-forest-labs/FLUX.2-klein-4B models/klein-4b":
         "downloads about 16 GB of gated weights from the Hugging Face hub",
