@@ -319,16 +319,17 @@ class PromptTokenizer:
             return self._fixed_length[max_length]
 
 
-def _read_json_file(path: pathlib.Path) -> dict[str, Any]:
+def _read_json_file(path: pathlib.Path, what: str = "tokenizer config file") -> dict[str, Any]:
+    """A JSON object from `path`; errors name the file as `what`."""
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except FileNotFoundError:
-        raise FileNotFoundError(f"tokenizer config file not found: {path}") from None
+        raise FileNotFoundError(f"{what} not found: {path}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"tokenizer config file {path} is not valid JSON: {e}") from None
+        raise ValueError(f"{what} {path} is not valid JSON: {e}") from None
     if not isinstance(data, dict):
-        raise ValueError(f"tokenizer config file {path} holds a {type(data).__name__}, expected a JSON object")
+        raise ValueError(f"{what} {path} holds a {type(data).__name__}, expected a JSON object")
     return data
 
 
@@ -338,15 +339,9 @@ def _load_tokenizer_json(path: pathlib.Path, config: Mapping[str, Any]) -> Token
     For Qwen2Tokenizer, transformers keeps only the file's vocabulary, merges, added tokens and post-processor and
     takes the BPE options, normaliser, pre-tokenizer and decoder from the class, whatever the file says: do the same.
     """
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"tokenizer file not found: {path}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"tokenizer file {path} is not valid JSON: {e}") from None
+    data = _read_json_file(path, "tokenizer file")
     qwen2 = config.get("tokenizer_class") in _QWEN2_CLASSES
-    if qwen2 and isinstance(data, dict) and isinstance(data.get("model"), dict):
+    if qwen2 and isinstance(data.get("model"), dict):
         if data["model"].get("type") != "BPE":
             raise ValueError(f"tokenizer file {path}: a Qwen2Tokenizer needs a BPE model, "
                              f"got {data['model'].get('type')!r}")
