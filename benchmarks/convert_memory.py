@@ -109,7 +109,7 @@ def _split_in_two(tensors: dict) -> tuple[dict, dict]:
 def make_source(folder: pathlib.Path) -> int:
     """Writes the klein-4B-sized diffusers pipeline folder; returns its size in bytes."""
     from klein_jax.configs import FLUX2_VAE, KLEIN_4B, QWEN3_4B
-    from klein_jax.tokenizer import build_demo_tokenizer, save_tokenizer_folder
+    from klein_jax.demo_tokenizer import build_demo_tokenizer, save_tokenizer_folder
 
     shapes = _reference_shapes()
     for name in ("transformer", "vae", "text_encoder"):
@@ -146,7 +146,7 @@ def _folder_bytes(folder: pathlib.Path) -> int:
 _LOAD_CHILD = """
 import resource, sys, time
 start = time.perf_counter()
-from convert.components import load_components
+from klein_jax.loading import load_components
 c = load_components(sys.argv[1], "bfloat16")
 print(f"{time.perf_counter() - start:.1f} {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}")
 """

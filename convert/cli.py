@@ -45,7 +45,7 @@ def _disk_bytes(folder: pathlib.Path) -> int:
 
 
 def _check_out(out: pathlib.Path) -> None:
-    from convert.components import ConversionError
+    from klein_jax.loading import ConversionError
 
     if out.exists() and not (out.is_dir() and not any(out.iterdir())):
         raise ConversionError(f"output {out} already exists and is not an empty folder")
@@ -67,8 +67,8 @@ def _convert_into(tmp: pathlib.Path, source, configs: dict[str, Any], dtype: Any
                   counts: dict[str, int], progress: bool) -> list[ComponentReport]:
     from tqdm import tqdm
 
-    from convert import checkpoint
-    from convert.components import CONFIG_FILE, PARAMS_DIR, convert_component
+    from klein_jax.loading import checkpoint
+    from klein_jax.loading import CONFIG_FILE, PARAMS_DIR, convert_component
 
     reports = []
     for name, config in configs.items():
@@ -92,9 +92,9 @@ def convert(source: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "
             progress: bool = True) -> list[ComponentReport]:
     """Converts `source` into the folder `out` (which must not exist or be empty); returns what was written.
 
-    Raises one of convert.components.SOURCE_ERRORS on bad input, leaving `out` untouched.
+    Raises one of klein_jax.loading.SOURCE_ERRORS on bad input, leaving `out` untouched.
     """
-    from convert.components import (
+    from klein_jax.loading import (
         COMPONENTS,
         FORMAT_VERSION,
         MANIFEST,
@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     for noisy in ("absl", "jax"):  # orbax logs every save step at INFO through absl
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from convert.components import SOURCE_ERRORS
+    from klein_jax.loading import SOURCE_ERRORS
 
     start = time.perf_counter()
     try:

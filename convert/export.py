@@ -10,7 +10,7 @@ The folder has the layout of the hub repos (`save_pretrained` of Flux2KleinPipel
   text_encoder/config.json (transformers Qwen3) + model.safetensors
   tokenizer/                            klein_jax.tokenizer.save_tokenizer_folder
 
-Each parameter path is mapped back to the diffusers / transformers key whose rule (convert/keymap/*.py) maps to it:
+Each parameter path is mapped back to the diffusers / transformers key whose rule (klein_jax/loading/keymaps/*.py) maps to it:
 candidate keys are guessed by renaming (kernel/scale/embedding -> weight, `to_out` -> `to_out.0`, the `model.`
 prefix) and each is verified against the rule table, so a key map change that the inverse does not follow fails
 loudly here. The text encoder runs only layers 0..max(out_layers)-1: the decoder layers after those are never read
@@ -29,13 +29,12 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
-from flax import nnx
 
-from convert.components import DEFAULT_OUT_LAYERS, OUT_LAYERS_KEY
-from convert.keymap.text_encoder import text_encoder_rules
-from convert.keymap.transformer import transformer_rules
-from convert.keymap.vae import vae_rules
-from convert.mapping import KeyRule, Path, conv2d, linear, same
+from klein_jax.loading import DEFAULT_OUT_LAYERS, OUT_LAYERS_KEY, module_params
+from klein_jax.loading.keymaps.text_encoder import text_encoder_rules
+from klein_jax.loading.keymaps.transformer import transformer_rules
+from klein_jax.loading.keymaps.vae import vae_rules
+from klein_jax.loading.keymap import KeyRule, Path, conv2d, linear, same
 from klein_jax.configs import TextEncoderConfig, TransformerConfig, VAEConfig
 
 log = logging.getLogger(__name__)
@@ -117,12 +116,6 @@ def invert_params(params: Mapping[Path, np.ndarray], rules: tuple[KeyRule, ...])
             raise ExportError(f"{key}: rule {rule.source!r} has a transform with no known inverse")
         out[key] = np.ascontiguousarray(_INVERSE[rule.transform](np.asarray(value)))
     return out
-
-
-def module_params(module) -> dict[Path, np.ndarray]:
-    """Every variable of an nnx module (parameters and BN statistics) as host numpy arrays."""
-    _, state = nnx.split(module)
-    return {tuple(path): np.asarray(v.get_value()) for path, v in nnx.to_flat_state(state)}
 
 
 # ----------------------------------------------------------------------------------------------- configs
@@ -241,7 +234,7 @@ def export_diffusers_folder(pipe, path: str | os.PathLike) -> pathlib.Path:
     """Writes `pipe` (a KleinPipeline) as a diffusers Flux2KleinPipeline folder at `path` (new or empty); returns it."""
     from safetensors.numpy import save_file
 
-    from klein_jax.tokenizer import save_tokenizer_folder
+    from klein_jax.demo_tokenizer import save_tokenizer_folder
 
     path = pathlib.Path(path)
     if path.exists() and (not path.is_dir() or any(path.iterdir())):

@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("absl", "jax"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     cache = _cache_dir(args.compilation_cache)
-    from convert.components import SOURCE_ERRORS
+    from klein_jax.loading import SOURCE_ERRORS
     from klein_jax.pipeline import KleinPipeline
 
     try:

@@ -14,15 +14,12 @@ import logging
 
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from klein_jax.buckets import ReferenceBuckets
 from klein_jax.configs import TINY_TEXT_ENCODER, TINY_TRANSFORMER, TINY_VAE
-from klein_jax.models.text_encoder import Qwen3TextEncoder
-from klein_jax.models.transformer import Flux2Transformer
-from klein_jax.models.vae import Flux2VAE
+from klein_jax.loading import random_module
 from klein_jax.pipeline import KleinPipeline
-from klein_jax.tokenizer import PromptTokenizer
+from klein_jax.demo_tokenizer import demo_prompt_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -41,33 +38,13 @@ DEMO_VAE = dataclasses.replace(
 DEMO_REFERENCE_BUCKETS = ReferenceBuckets(grid_areas=(64, 4096), token_buckets=(256, 4096, 16384))
 
 
-def random_module(cls, config, rng: np.random.Generator):
-    """cls(config) in float32 with random host-drawn weights: kernels N(0, 1/fan_in), embeddings N(0, 1), norm
-    scales and BN variances 1, biases and BN means 0. Built abstractly, so no initialiser is compiled."""
-    abstract = nnx.eval_shape(lambda: cls(config, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
-    flat = nnx.to_flat_state(state)
-    for path, variable in flat:
-        shape, name = variable.value.shape, str(path[-1])
-        if name == "kernel":
-            value = rng.standard_normal(shape) / np.sqrt(np.prod(shape[:-1]))
-        elif name == "embedding":
-            value = rng.standard_normal(shape)
-        elif name in ("scale", "running_var"):
-            value = np.ones(shape)
-        else:
-            value = np.zeros(shape)
-        variable.set_value(jnp.asarray(value.astype(np.float32)))
-    return nnx.merge(graphdef, nnx.from_flat_state(flat))
-
-
 def build_demo_pipeline(seed: int = 0, **kwargs) -> KleinPipeline:
     """A distilled (4-step) float32 KleinPipeline with random weights; keyword arguments go to KleinPipeline."""
     rng = np.random.default_rng(seed)
-    transformer = random_module(Flux2Transformer, TINY_TRANSFORMER, rng)
-    vae = random_module(Flux2VAE, DEMO_VAE, rng)
-    text_encoder = random_module(Qwen3TextEncoder, TINY_TEXT_ENCODER, rng)
-    tokenizer = PromptTokenizer.demo(TINY_TEXT_ENCODER.vocab_size)
+    transformer = random_module("transformer", TINY_TRANSFORMER, rng)
+    vae = random_module("vae", DEMO_VAE, rng)
+    text_encoder = random_module("text_encoder", TINY_TEXT_ENCODER, rng)
+    tokenizer = demo_prompt_tokenizer(TINY_TEXT_ENCODER.vocab_size)
     log.info("built the demo model (random weights, seed %d): its images are noise", seed)
     kwargs.setdefault("reference_buckets", DEMO_REFERENCE_BUCKETS)
     return KleinPipeline(transformer, vae, text_encoder, tokenizer, is_distilled=True, dtype=jnp.float32,

@@ -62,14 +62,9 @@ def image_grid(images: Sequence[Image.Image], cols: int | None = None, *, pad: i
 
 def parameters(module) -> list[tuple[str, tuple[int, ...], str]]:
     """(dotted path, shape, dtype) of every variable of an nnx module, concrete or abstract (nnx.eval_shape)."""
-    from flax import nnx
+    from klein_jax.loading import expected_params
 
-    _, state = nnx.split(module)
-    rows = []
-    for path, variable in nnx.to_flat_state(state):
-        value = variable.get_value()
-        rows.append((".".join(str(p) for p in path), tuple(value.shape), str(value.dtype)))
-    return rows
+    return [(".".join(map(str, path)), shape, str(dtype)) for path, (shape, dtype) in expected_params(module).items()]
 
 
 def count_parameters(module) -> int:

@@ -31,6 +31,7 @@ from klein_jax import images as image_ops
 from klein_jax import latents as latent_ops
 from klein_jax.aspect_ratios import ASPECT_RATIOS, resolve_aspect_ratio
 from klein_jax.buckets import ReferenceBuckets
+from klein_jax.loading import load_components
 from klein_jax.sampler import MAX_REFERENCES, GeneratePlan, ReferencePlan, Sampler, TextPlan, seed_key_data
 from klein_jax.scheduler import Schedule, flow_match_schedule
 
@@ -108,9 +109,7 @@ class KleinPipeline:
 
     @classmethod
     def from_pretrained(cls, source: str | os.PathLike, dtype: Any = "bfloat16", **kwargs) -> "KleinPipeline":
-        """Loads a klein-convert folder, a diffusers pipeline folder or a hub id (convert.components)."""
-        from convert.components import load_components
-
+        """Loads a klein-convert folder, a diffusers pipeline folder or a hub id (klein_jax/loading)."""
         components = load_components(source, dtype)
         return cls(components.transformer, components.vae, components.text_encoder, components.tokenizer,
                    is_distilled=components.is_distilled, dtype=components.dtype,

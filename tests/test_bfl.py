@@ -10,10 +10,10 @@ from diffusers.loaders.single_file_utils import convert_flux2_transformer_checkp
 from safetensors.numpy import load_file, save_file
 from tiny_pipeline import diffusers_to_bfl, make_bfl_transformer_file, make_tiny_diffusers_pipeline, tiny_transformer
 
-from convert import checkpoint
+from klein_jax.loading import checkpoint
 from convert.cli import main
-from convert.components import MANIFEST
-from convert.keymap.bfl import BFLTransformer, bfl_to_diffusers, is_bfl_layout, split_qkv, swap_halves
+from klein_jax.loading import MANIFEST
+from klein_jax.loading.keymaps.bfl import BFLTransformer, bfl_to_diffusers, is_bfl_layout, split_qkv, swap_halves
 from klein_jax.configs import TransformerConfig
 
 

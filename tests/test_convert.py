@@ -19,11 +19,11 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 from tiny_pipeline import OUT_LAYERS_KEY, load_reference_pipeline, make_tiny_diffusers_pipeline
 
-from convert import checkpoint, hub
+from klein_jax.loading import checkpoint, hub
 from convert.cli import main
-from convert.components import MANIFEST, load_components, open_source
-from convert.components import OUT_LAYERS_KEY as COMPONENTS_OUT_LAYERS_KEY
-from convert.keymap.text_encoder import text_encoder_rules
+from klein_jax.loading import MANIFEST, load_components, open_source
+from klein_jax.loading import OUT_LAYERS_KEY as COMPONENTS_OUT_LAYERS_KEY
+from klein_jax.loading.keymaps.text_encoder import text_encoder_rules
 from klein_jax.configs import TINY_TEXT_ENCODER, TINY_TRANSFORMER, TINY_VAE
 
 PROMPTS = ["a red fox in the snow", "", "two cats, one black and one white, on a sofa"]
@@ -103,8 +103,8 @@ def test_output_layout_and_manifest(tiny):
         (src / "scheduler" / "scheduler_config.json").read_text())
     assert json.loads((out / "model_index.json").read_text())["is_distilled"] is True
     ours = tiny["ours"]
-    assert ours.is_distilled is True and ours.transformer_config == TINY_TRANSFORMER and ours.vae_config == TINY_VAE
-    assert ours.text_encoder_config.out_layers == (1, 2, 3)
+    assert ours.is_distilled is True and ours.transformer.config == TINY_TRANSFORMER and ours.vae.config == TINY_VAE
+    assert ours.text_encoder.config.out_layers == (1, 2, 3)
     assert ours.scheduler_config["use_dynamic_shifting"] is True
 
 
@@ -386,7 +386,7 @@ def test_hub_with_bfl_transformer_skips_transformer_weights(tiny, fake_hub, tmp_
     assert not (fake_hub["cache"] / "transformer" / "diffusion_pytorch_model.safetensors").exists()
     assert (fake_hub["cache"] / "transformer" / "config.json").exists()
     loaded = load_components(REPO_ID, "float32")  # hub ids load in memory too
-    assert loaded.transformer_config == TINY_TRANSFORMER
+    assert loaded.transformer.config == TINY_TRANSFORMER
 
 
 def test_hub_errors_are_one_line(fake_hub, tmp_path, capsys):

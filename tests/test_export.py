@@ -21,8 +21,8 @@ from convert.export import (
     module_params,
     pipeline_modules,
 )
-from convert.keymap.transformer import transformer_rules
-from convert.sources import SafetensorsFile
+from klein_jax.loading.keymaps.transformer import transformer_rules
+from klein_jax.loading.safetensors import SafetensorsFile
 from klein_jax import latents as latent_ops
 from klein_jax.configs import TINY_TEXT_ENCODER, TINY_TRANSFORMER, TextEncoderConfig, TransformerConfig, VAEConfig
 from klein_jax.demo import DEMO_VAE, build_demo_pipeline

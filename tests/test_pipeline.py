@@ -19,9 +19,8 @@ from convert.cli import main as convert_main
 from klein_jax import latents as latent_ops
 from klein_jax.buckets import ReferenceBuckets
 from klein_jax.configs import TINY_TEXT_ENCODER, TINY_TRANSFORMER, TINY_VAE
-from klein_jax.demo import build_demo_pipeline, random_module
-from klein_jax.models.transformer import Flux2Transformer
-from klein_jax.models.vae import Flux2VAE
+from klein_jax.demo import build_demo_pipeline
+from klein_jax.loading import random_module
 from klein_jax.pipeline import KleinPipeline, PreparedRequest
 from klein_jax.reference_encoder import encode_reference_tokens
 from klein_jax.sampler import GeneratePlan
@@ -122,7 +121,7 @@ def test_base_model_with_guidance_matches_diffusers(base):
 def test_padded_references_equal_unpadded():
     """Reference tokens padded at the end of the sequence and masked as keys change no valid output."""
     rng = np.random.default_rng(0)
-    graph, state = nnx.split(random_module(Flux2Transformer, TINY_TRANSFORMER, rng))
+    graph, state = nnx.split(random_module("transformer", TINY_TRANSFORMER, rng))
     run = jax.jit(lambda state, *args, **kwargs: nnx.merge(graph, state)(*args, **kwargs))
     T, L, R, P = 9, 12, 10, 7  # text, target (3x4), reference (2x5), padding
     x = rng.standard_normal((2, L + R, 128)).astype(np.float32)
@@ -144,7 +143,7 @@ def test_masked_reference_encoding_equals_unpadded():
     config = dataclasses.replace(TINY_VAE, block_out_channels=(16, 16, 32, 32), norm_num_groups=8,
                                  down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
     rng = np.random.default_rng(0)
-    vae = random_module(Flux2VAE, config, rng)
+    vae = random_module("vae", config, rng)
     encode = jax.jit(lambda pixels, valid: encode_reference_tokens(vae, pixels, valid, slot_tokens=100))
     unpadded = jax.jit(vae.encode_packed)
     (h, w), (H, W) = (80, 112), (128, 192)

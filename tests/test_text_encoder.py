@@ -9,13 +9,15 @@ from conftest import assert_close
 from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
 from flax import nnx
 
-from convert.keymap.text_encoder import text_encoder_rules
-from convert.mapping import WeightMappingError, expected_params, load_into, load_module, map_weights
-from convert.sources import ShardedCheckpoint
+from klein_jax.loading.keymaps.text_encoder import text_encoder_rules
+from klein_jax.loading import WeightMappingError, expected_params, load_component
+from klein_jax.loading.keymap import map_weights
+from klein_jax.loading.safetensors import ShardedCheckpoint
 from klein_jax.configs import TINY_TEXT_ENCODER, TextEncoderConfig
 from klein_jax.latents import text_ids
 from klein_jax.models.text_encoder import Qwen3TextEncoder, apply_rope, attention_mask_4d, rotate_half
-from klein_jax.tokenizer import PromptTokenizer, build_demo_tokenizer, save_tokenizer_folder
+from klein_jax.demo_tokenizer import build_demo_tokenizer, save_tokenizer_folder
+from klein_jax.tokenizer import PromptTokenizer
 
 NUM_LAYERS = 5
 PROMPTS = [
@@ -87,8 +89,7 @@ def setup(request, tmp_path_factory):
         want_embeds, want_ids = pipe.encode_prompt(PROMPTS, device="cpu", max_sequence_length=512,
                                                    text_encoder_out_layers=out_layers)
     config = TextEncoderConfig.from_json(root / "text_encoder" / "config.json", out_layers=out_layers)
-    ours = load_module(lambda: Qwen3TextEncoder(config, rngs=nnx.Rngs(0)), ShardedCheckpoint(root / "text_encoder"),
-                       text_encoder_rules(config))
+    ours = load_component("text_encoder", config, ShardedCheckpoint(root / "text_encoder"), jnp.float32)
     tokenizer = PromptTokenizer.from_folder(root / "tokenizer")
     input_ids, attention_mask = tokenizer.encode(PROMPTS, max_length=512)
     return dict(ref=ref, ours=ours, config=config, out_layers=out_layers, tokenizer=tokenizer,
@@ -135,10 +136,8 @@ def test_bfloat16_runs_close_to_float32_reference(setup):
     fp32 run, ours 1.7e-2; mean errors 1.1e-3 and 1.6e-3.
     """
     config = setup["config"]
-    abstract = nnx.eval_shape(lambda: Qwen3TextEncoder(config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
-                                                       rngs=nnx.Rngs(0)))
     weights = {k: v.numpy() for k, v in setup["ref"].state_dict().items()}
-    ours = load_into(abstract, map_weights(weights, text_encoder_rules(config), expected_params(abstract)))
+    ours = load_component("text_encoder", config, weights, jnp.bfloat16)
     input_ids, attention_mask = setup["input_ids"][1:4, :96], setup["attention_mask"][1:4, :96]  # bf16 is slow on CPU
     hidden = _reference_hidden_states(setup["ref"], input_ids, attention_mask)
     want = torch.cat([hidden[k] for k in setup["out_layers"]], dim=-1).numpy()

@@ -8,15 +8,9 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from klein_jax.tokenizer import (
-    CHAT_TEMPLATE_FILE,
-    TOKENIZER_CONFIG_FILE,
-    TOKENIZER_FILE,
-    PromptTokenizer,
-    build_demo_tokenizer,
-    packaged_chat_template,
-    save_tokenizer_folder,
-)
+from klein_jax.chat_template import packaged_chat_template
+from klein_jax.demo_tokenizer import build_demo_tokenizer, demo_prompt_tokenizer, save_tokenizer_folder
+from klein_jax.tokenizer import CHAT_TEMPLATE_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, PromptTokenizer
 
 _PIECES = (
     "a", "photo", "of", " ", "  ", "   ", "\t", "\n", "\n\n", "\r\n", " \n ", "cat", "Cat", "CAT", "it's", "IT'S",
@@ -86,7 +80,7 @@ def test_demo_tokenizer_ids_and_determinism():
 
 
 def test_render_is_the_qwen3_generation_prompt():
-    tokenizer = PromptTokenizer.demo()
+    tokenizer = demo_prompt_tokenizer()
     suffix = "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
     assert tokenizer.render("a red fox") == "<|im_start|>user\na red fox" + suffix
     assert tokenizer.render("") == "<|im_start|>user\n" + suffix
@@ -124,7 +118,7 @@ def test_encode_matches_pipeline_tokenization(pair, max_length):
 
 
 def test_encode_single_string_and_bad_length():
-    tokenizer = PromptTokenizer.demo()
+    tokenizer = demo_prompt_tokenizer()
     input_ids, attention_mask = tokenizer.encode("a cat")
     assert input_ids.shape == (1, 512)
     # <|im_start|> user \n a cat <|im_end|> \n <|im_start|> assistant \n <think> \n\n </think> \n\n
@@ -135,7 +129,7 @@ def test_encode_single_string_and_bad_length():
 
 
 def test_demo_equals_saved_folder(folders):
-    demo, loaded = PromptTokenizer.demo(), PromptTokenizer.from_folder(folders["inline"])
+    demo, loaded = demo_prompt_tokenizer(), PromptTokenizer.from_folder(folders["inline"])
     np.testing.assert_array_equal(demo.encode(STRINGS[:20])[0], loaded.encode(STRINGS[:20])[0])
 
 

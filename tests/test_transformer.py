@@ -15,9 +15,9 @@ from diffusers.models.embeddings import get_timestep_embedding
 from diffusers.models.transformers.transformer_flux2 import Flux2PosEmbed
 from flax import nnx
 
-from convert.keymap.transformer import transformer_rules
-from convert.mapping import WeightMappingError, expected_params, load_into, load_module
-from convert.sources import ShardedCheckpoint
+from klein_jax.loading.keymaps.transformer import transformer_rules
+from klein_jax.loading import WeightMappingError, expected_params, fill_module, load_component
+from klein_jax.loading.safetensors import ShardedCheckpoint
 from klein_jax.configs import KLEIN_4B, KLEIN_9B, TransformerConfig
 from klein_jax.models.rope import apply_rope, rope_tables
 from klein_jax.models.transformer import Flux2Transformer, timestep_embedding, timestep_frequencies
@@ -88,8 +88,7 @@ def _run_ours(model, inputs) -> np.ndarray:
 
 
 def _load(folder, config, dtype=jnp.float32):
-    factory = lambda: Flux2Transformer(config, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0))  # noqa: E731
-    return load_module(factory, ShardedCheckpoint(folder), transformer_rules(config))
+    return load_component("transformer", config, ShardedCheckpoint(folder), dtype)
 
 
 @pytest.fixture(scope="module", params=list(CASES))
@@ -155,8 +154,7 @@ def tiny_tensors(tmp_path_factory):
 
 
 def _load_tensors(tensors):
-    factory = lambda: Flux2Transformer(CONFIG_A, rngs=nnx.Rngs(0))  # noqa: E731
-    return load_module(factory, tensors, transformer_rules(CONFIG_A))
+    return load_component("transformer", CONFIG_A, tensors, jnp.float32)
 
 
 def test_wrong_shape_names_key_and_expected_shape(tiny_tensors):
@@ -248,8 +246,8 @@ def test_bfloat16_timestep_is_scaled_in_bfloat16():
     model = nnx.eval_shape(lambda: Flux2Transformer(config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
                                                     rngs=nnx.Rngs(0)))
     rng = np.random.default_rng(0)
-    model = load_into(model, {path: rng.standard_normal(shape).astype(ml_dtypes.bfloat16)
-                              for path, (shape, _) in expected_params(model).items()})
+    model = fill_module(model, {path: rng.standard_normal(shape).astype(ml_dtypes.bfloat16)
+                                for path, (shape, _) in expected_params(model).items()})
     sigma = jnp.array([0.96738], jnp.float32)
     assert float((sigma.astype(jnp.bfloat16) * 1000)[0]) == 968.0
     got = model.embed_timestep(sigma)

@@ -10,9 +10,10 @@ from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline
 from flax import nnx
 
 from conftest import assert_close
-from convert.keymap.vae import vae_rules
-from convert.mapping import WeightMappingError, expected_params, load_module, map_weights
-from convert.sources import ShardedCheckpoint
+from klein_jax.loading.keymaps.vae import vae_rules
+from klein_jax.loading import WeightMappingError, expected_params, load_component
+from klein_jax.loading.keymap import map_weights
+from klein_jax.loading.safetensors import ShardedCheckpoint
 from klein_jax import latents as L
 from klein_jax.configs import FLUX2_VAE, VAEConfig
 from klein_jax.models.vae import Flux2VAE
@@ -63,7 +64,7 @@ def _build(name: str, tmp_path_factory) -> tuple:
         folder = tmp_path_factory.mktemp(name)
         ref.save_pretrained(folder)
         config = VAEConfig.from_json(folder / "config.json")
-        ours = load_module(lambda: Flux2VAE(config, rngs=nnx.Rngs(0)), ShardedCheckpoint(folder), vae_rules(config))
+        ours = load_component("vae", config, ShardedCheckpoint(folder), jnp.float32)
         _BUILT[name] = ref, ours, config
     return _BUILT[name]
 
@@ -202,8 +203,7 @@ def test_weights_of_another_config_are_rejected(pair):
     ref, _, config = pair
     other = VAEConfig(**{**config.to_dict(), "layers_per_block": config.layers_per_block + 1})
     with pytest.raises(WeightMappingError, match="missing weights"):
-        load_module(lambda: Flux2VAE(other, rngs=nnx.Rngs(0)),
-                    {k: v.numpy() for k, v in ref.state_dict().items()}, vae_rules(other))
+        load_component("vae", other, {k: v.numpy() for k, v in ref.state_dict().items()}, jnp.float32)
 
 
 class _ZeroTensors(dict):

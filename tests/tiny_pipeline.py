@@ -133,7 +133,7 @@ def make_tiny_diffusers_pipeline(
     from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
     from transformers import AutoTokenizer
 
-    from klein_jax.tokenizer import build_demo_tokenizer, save_tokenizer_folder
+    from klein_jax.demo_tokenizer import build_demo_tokenizer, save_tokenizer_folder
 
     if transformer_config.joint_attention_dim != len(out_layers) * text_encoder_config.hidden_size:
         raise ValueError(f"joint_attention_dim={transformer_config.joint_attention_dim} != "
@@ -176,7 +176,7 @@ def _swap_halves(w: torch.Tensor) -> torch.Tensor:
 
 def diffusers_to_bfl(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """diffusers Flux2Transformer2DModel names -> BFL flux2 names (klein.md §6.2), written independently of
-    convert/keymap/bfl.py so that the two can check each other."""
+    klein_jax/loading/keymaps/bfl.py so that the two can check each other."""
     sd = {k: torch.as_tensor(np.asarray(v)) if not isinstance(v, torch.Tensor) else v for k, v in state_dict.items()}
     out = {
         "img_in.weight": sd.pop("x_embedder.weight"),

@@ -4,7 +4,7 @@ Ports of diffusers ResnetBlock2D (resnet.py), Downsample2D (downsampling.py), Up
 the mid-block Attention with AttnProcessor2_0 (attention_processor.py), UNetMidBlock2D, DownEncoderBlock2D,
 UpDecoderBlock2D (unets/unet_2d_blocks.py) and Encoder / Decoder (autoencoders/vae.py), as configured by
 AutoencoderKLFlux2: GroupNorm eps 1e-6 everywhere, SiLU, dropout 0, output_scale_factor 1, no time embedding.
-Attribute names mirror diffusers so that convert/keymap/vae.py is a rename table.
+Attribute names mirror diffusers so that klein_jax/loading/keymaps/vae.py is a rename table.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 from huggingface_hub import snapshot_download
 
-from convert.sources import CheckpointError
+from klein_jax.loading.safetensors import CheckpointError
 
 log = logging.getLogger(__name__)
 

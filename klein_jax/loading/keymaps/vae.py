@@ -7,7 +7,7 @@ attention's `to_out.0` -> `to_out` (to_out.1 is a parameterless dropout).
 
 from __future__ import annotations
 
-from convert.mapping import KeyRule, conv2d, linear, same
+from klein_jax.loading.keymap import KeyRule, conv2d, linear, same
 from klein_jax.configs import VAEConfig
 
 _EITHER = r"(?:encoder|decoder)"

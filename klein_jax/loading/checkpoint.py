@@ -15,8 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from convert.mapping import Path, expected_params
-from convert.sources import CheckpointError
+from klein_jax.loading.keymap import Path
+from klein_jax.loading.modules import expected_params, fill_module
+from klein_jax.loading.safetensors import CheckpointError
 
 
 def nest(params: Mapping[Path, Any]) -> dict[str, Any]:
@@ -108,11 +109,4 @@ def restore_params(path: str | os.PathLike, expected: Mapping[Path, tuple[tuple[
 
 def restore_module(path: str | os.PathLike, abstract_module, *, sharding=None):
     """Fills an abstract nnx module (from nnx.eval_shape) from the checkpoint at `path`; returns the module."""
-    from flax import nnx
-
-    params = restore_params(path, expected_params(abstract_module), sharding=sharding)
-    graphdef, state = nnx.split(abstract_module)
-    flat = nnx.to_flat_state(state)
-    for p, variable in flat:
-        variable.set_value(params.pop(tuple(p)))
-    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+    return fill_module(abstract_module, restore_params(path, expected_params(abstract_module), sharding=sharding))

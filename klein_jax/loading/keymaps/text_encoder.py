@@ -7,7 +7,7 @@ Our tree mirrors `model.*` without the prefix: Linear `weight` (out, in) -> `ker
 
 from __future__ import annotations
 
-from convert.mapping import KeyRule, linear, same
+from klein_jax.loading.keymap import KeyRule, linear, same
 from klein_jax.configs import TextEncoderConfig
 
 _LINEARS = r"self_attn\.(?:q_proj|k_proj|v_proj|o_proj)|mlp\.(?:gate_proj|up_proj|down_proj)"

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
-from convert.mapping import KeyRule
+from klein_jax.loading.keymap import KeyRule
 
 COMFY_PREFIX = "model.diffusion_model."  # ComfyUI-style files nest the transformer under this prefix
 

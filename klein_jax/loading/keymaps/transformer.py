@@ -2,12 +2,12 @@
 
 Every torch Linear weight (out, in) is transposed to a Flax kernel (in, out); RMSNorm `weight` becomes `scale`.
 diffusers' `attn.to_out.0` (a ModuleList with a Dropout) is plain `attn.to_out` here. klein has no biases and no
-guidance embedder, so neither appears. BFL single-file names are renamed to these first (convert/keymap/bfl.py).
+guidance embedder, so neither appears. BFL single-file names are renamed to these first (klein_jax/loading/keymaps/bfl.py).
 """
 
 from __future__ import annotations
 
-from convert.mapping import KeyRule, linear, same
+from klein_jax.loading.keymap import KeyRule, linear, same
 from klein_jax.configs import TransformerConfig
 
 _DOUBLE = r"transformer_blocks\.(\d+)"

@@ -1,6 +1,6 @@
 """The one applier of key-map tables: source tensors (torch layout) -> flat Flax parameter dict.
 
-A table is a tuple of `KeyRule`s (see convert/keymap/). Every source key must match exactly one rule,
+A table is a tuple of `KeyRule`s (see klein_jax/loading/keymaps/). Every source key must match exactly one rule,
 every target must exist in the model with the right shape, and every model parameter must be set.
 """
 
@@ -124,36 +124,3 @@ def map_weights(
     if missing:
         _raise("missing weights", missing)
     return out
-
-
-def expected_params(module) -> dict[Path, tuple[tuple[int, ...], Any]]:
-    """path -> (shape, dtype) of every variable of an nnx module (abstract ones from nnx.eval_shape too)."""
-    from flax import nnx
-
-    _, state = nnx.split(module)
-    return {tuple(path): (tuple(v.get_value().shape), v.get_value().dtype) for path, v in nnx.to_flat_state(state)}
-
-
-def load_into(module, params: Mapping[Path, np.ndarray]):
-    """Returns `module` (possibly abstract, from nnx.eval_shape) with every variable set from `params`."""
-    import jax.numpy as jnp
-    from flax import nnx
-
-    graphdef, state = nnx.split(module)
-    flat = nnx.to_flat_state(state)
-    for path, variable in flat:
-        variable.set_value(jnp.asarray(params[tuple(path)]))
-    return nnx.merge(graphdef, nnx.from_flat_state(flat))
-
-
-def load_module(factory: Callable[[], Any], tensors: Mapping[str, np.ndarray], rules: Iterable[KeyRule], *,
-                on_tensor: Callable[[str], None] | None = None):
-    """Builds the module abstractly (no random init), maps `tensors` with `rules` and fills it in.
-
-    `factory` builds the module with the wanted param_dtype; tensors are cast to it on the way.
-    """
-    from flax import nnx
-
-    abstract = nnx.eval_shape(factory)
-    params = map_weights(tensors, rules, expected_params(abstract), on_tensor=on_tensor)
-    return load_into(abstract, params)

@@ -119,3 +119,64 @@ class ShardedCheckpoint(Mapping[str, np.ndarray]):
 
     def __len__(self) -> int:
         return len(self._where)
+
+
+class ShapesOnly(Mapping[str, np.ndarray]):
+    """Zero-stride placeholder arrays with each tensor's shape: a dry run of the key maps reads no data."""
+
+    def __init__(self, tensors):
+        self._tensors = tensors
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return np.broadcast_to(np.zeros((), np.bool_), self._tensors.shape(key))
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+
+class ShardSubset(Mapping[str, np.ndarray]):
+    """A sharded folder whose index lists shards that may be absent (hub downloads skip shards of unused layers).
+
+    Present shards are opened (and checked) at once; reading a tensor of an absent shard raises CheckpointError.
+    """
+
+    def __init__(self, folder: pathlib.Path, index_path: pathlib.Path):
+        try:
+            self._where = dict(json.loads(index_path.read_text())["weight_map"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise CheckpointError(f"{index_path}: not a valid safetensors index (no weight_map)") from None
+        self._files = {f: SafetensorsFile(folder / f) for f in sorted(set(self._where.values()))
+                       if (folder / f).exists()}
+        self.folder = folder
+        for key, file in self._where.items():
+            if file in self._files and key not in self._files[file]:
+                raise CheckpointError(f"{index_path} lists {key!r} in {file}, which does not contain it")
+
+    def _file(self, key: str) -> SafetensorsFile:
+        file = self._where[key]
+        if file not in self._files:
+            raise CheckpointError(f"{self.folder / file} is missing (it holds {key!r})")
+        return self._files[file]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._file(key).shape(key)
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return self._file(key)[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+
+def open_folder(folder: pathlib.Path, *, partial: bool = False):
+    if partial and folder.is_dir():
+        indexes = sorted(folder.glob("*.safetensors.index.json"))
+        if indexes:
+            return ShardSubset(folder, indexes[0])
+    return ShardedCheckpoint(folder)

@@ -1,0 +1,70 @@
+"""Loading the klein components (transformer, VAE, text encoder, tokenizer, configs) from any source.
+
+A klein-convert folder is restored straight into the abstract modules (Orbax); a diffusers folder or hub id is
+converted in memory, tensor by tensor, through the key maps. This is what KleinPipeline.from_pretrained runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from typing import Any
+
+import numpy as np
+
+from klein_jax.loading import checkpoint
+from klein_jax.loading.modules import COMPONENTS, abstract_module, dtype_name, expected_params, parse_dtype
+from klein_jax.loading.source import PARAMS_DIR, Source, open_source
+from klein_jax.loading.weights import check_component, load_component
+from klein_jax.models.text_encoder import Qwen3TextEncoder
+from klein_jax.models.transformer import Flux2Transformer
+from klein_jax.models.vae import Flux2VAE
+from klein_jax.tokenizer import PromptTokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Components:
+    """Everything KleinPipeline needs: the loaded modules (each with its `.config`), tokenizer and defaults."""
+
+    transformer: Flux2Transformer
+    vae: Flux2VAE
+    text_encoder: Qwen3TextEncoder
+    tokenizer: PromptTokenizer
+    scheduler_config: dict[str, Any]
+    is_distilled: bool
+    dtype: Any
+
+
+def _load_module(source: Source, name: str, config: Any, dtype: Any):
+    abstract = abstract_module(name, config, dtype)
+    if source.kind == "converted":
+        return checkpoint.restore_module(source.folder / name / PARAMS_DIR, abstract)
+    check_component(source, name, config, dtype)
+    return load_component(name, config, source.tensors(name), dtype)
+
+
+def load_components(source: str | os.PathLike, dtype: Any = "bfloat16", *,
+                    transformer_file: str | os.PathLike | None = None, revision: str | None = None) -> Components:
+    """Loads a klein-convert folder, a diffusers pipeline folder or a hub id into modules of `dtype`.
+
+    Raises one of SOURCE_ERRORS (ValueErrors with a readable message) for a bad source.
+    """
+    dtype = parse_dtype(dtype)
+    src = open_source(source, transformer_file=transformer_file, revision=revision)
+    configs = {name: src.config(name) for name in COMPONENTS}
+    tokenizer = src.tokenizer()
+    modules = {}
+    for name in COMPONENTS:
+        start = time.perf_counter()
+        modules[name] = _load_module(src, name, configs[name], dtype)
+        count = sum(int(np.prod(s)) for s, _ in expected_params(modules[name]).values())
+        log.info("loaded %s: %.3gM params %s in %.1f s", name, count / 1e6, dtype_name(dtype),
+                 time.perf_counter() - start)
+    return Components(
+        transformer=modules["transformer"], vae=modules["vae"], text_encoder=modules["text_encoder"],
+        tokenizer=tokenizer, scheduler_config=src.scheduler_config, is_distilled=src.is_distilled, dtype=dtype,
+    )
