@@ -104,6 +104,7 @@ def convert(source: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "
         dtype_name,
         open_source,
     )
+    from klein_jax.scheduler import check_scheduler_config
 
     out = pathlib.Path(out)
     dtype = dtype_name(dtype)
@@ -115,6 +116,10 @@ def convert(source: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "
     configs = {name: src.config(name) for name in COMPONENTS}
     counts = {name: check_component(src, name, configs[name], dtype) for name in COMPONENTS}
     scheduler_config, tokenizer_folder = src.scheduler_config, src.tokenizer_folder
+    try:
+        check_scheduler_config(scheduler_config)
+    except ValueError as e:
+        raise ConversionError(f"{src.folder / 'scheduler' / 'scheduler_config.json'}: {e}") from None
     src.tokenizer()  # it must load, not only exist
 
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,7 @@
-"""The eight API aspect ratios (shared/spec/api.md): name -> (width, height) in pixels."""
+"""The eight API aspect ratios (shared/spec/api.md): name -> (width, height) in pixels.
+
+Data only: klein_jax/request.py checks names against it (`resolve_aspect_ratio`).
+"""
 
 from __future__ import annotations
 
@@ -13,11 +16,3 @@ ASPECT_RATIOS: dict[str, tuple[int, int]] = {
     "wide": (1568, 672),
 }
 DEFAULT_ASPECT_RATIO = "landscape"
-
-
-def resolve_aspect_ratio(name: str) -> tuple[int, int]:
-    """(width, height) for an API aspect-ratio name; ValueError listing the valid names otherwise."""
-    try:
-        return ASPECT_RATIOS[name]
-    except (KeyError, TypeError):
-        raise ValueError(f"aspect_ratio {name!r} is not one of {', '.join(ASPECT_RATIOS)}") from None

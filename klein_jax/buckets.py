@@ -2,7 +2,7 @@
 
 Two kinds of bucket, both padded without changing results:
 - grid buckets: a reference's latent grid (th, tw) is padded to a bucket grid before the VAE encoder, which then
-  masks the padding (klein_jax/reference_encoder.py). Buckets form "staircases" under the hyperbola th * tw = A
+  masks the padding (Flux2VAE.encode_reference_tokens). Buckets form "staircases" under the hyperbola th * tw = A
   for a few areas A, with a sqrt(2) step in aspect ratio: at most ~1.42x the pixels of the largest image they
   hold, 7 buckets per area (square, 3 landscape, 3 portrait) reaching the 8:1 limit of check_image_input.
 - token buckets: the references' tokens, concatenated, are padded to a bucket length at the very end of the joint

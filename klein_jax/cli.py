@@ -23,11 +23,12 @@ STAGES = (  # timings key -> printed name
 
 def build_parser() -> argparse.ArgumentParser:
     """The klein-generate argument parser."""
-    from klein_jax.aspect_ratios import ASPECT_RATIOS
+    from klein_jax.request import ASPECT_RATIOS, MAX_REFERENCES, MAX_SEED, MAX_STEPS, MIN_STEPS
 
     p = argparse.ArgumentParser(
         prog=PROG, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Generate one image with FLUX.2 [klein]: text-to-image, or edit / multi-reference with --image.")
+        description="Generate one image with FLUX.2 [klein]: text-to-image, or image-to-image / multi-reference "
+                    "with --image.")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", metavar="SRC",
                         help="klein-convert output folder, diffusers pipeline folder or hub id "
@@ -35,14 +36,16 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--demo", action="store_true", help="the tiny random demo model instead (a noise image)")
     p.add_argument("--prompt", required=True, help="what to generate")
     p.add_argument("--image", action="append", default=[], type=pathlib.Path, metavar="FILE",
-                   help="reference image; repeat for up to 4 (1: edit, 2-4: multi-reference)")
+                   help=f"reference image; repeat for up to {MAX_REFERENCES} (1: image-to-image, "
+                        f"2-{MAX_REFERENCES}: multi-reference)")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--aspect-ratio", choices=list(ASPECT_RATIOS), default=None,
                       help="API aspect ratio (default: 1024x1024 unless --width/--height are given)")
     size.add_argument("--width", type=int, default=None, help="width in pixels, a multiple of 16 (with --height)")
     p.add_argument("--height", type=int, default=None, help="height in pixels, a multiple of 16 (with --width)")
-    p.add_argument("--seed", type=int, default=None, help="random seed (default: random, printed)")
-    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: 4 distilled, 50 base)")
+    p.add_argument("--seed", type=int, default=None, help=f"random seed in 0..{MAX_SEED} (default: random, printed)")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"denoising steps in {MIN_STEPS}..{MAX_STEPS} (default: 4 distilled, 50 base)")
     p.add_argument("--guidance-scale", type=float, default=None, help="CFG scale of base models (default 4.0)")
     p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("klein.png"), help="output PNG file")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="compute dtype")
@@ -55,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _size(args, parser) -> tuple[int, int]:
-    from klein_jax.aspect_ratios import resolve_aspect_ratio
+    from klein_jax.request import resolve_aspect_ratio
 
     if args.aspect_ratio is not None:
         if args.height is not None:
@@ -115,13 +118,17 @@ def main(argv: list[str] | None = None) -> int:
     from klein_jax.pipeline import KleinPipeline
 
     try:
+        if cache is not None:
+            from klein_jax.compilation_cache import enable_compilation_cache
+
+            enable_compilation_cache(cache)
         start = time.perf_counter()
         if args.demo:
             from klein_jax.demo import build_demo_pipeline
 
-            pipe = build_demo_pipeline(compilation_cache_dir=cache)
+            pipe = build_demo_pipeline()
         else:
-            pipe = KleinPipeline.from_pretrained(args.model, args.dtype, compilation_cache_dir=cache)
+            pipe = KleinPipeline.from_pretrained(args.model, args.dtype)
         load_s = time.perf_counter() - start
         references = _open_images(args.image)
         options = dict(width=width, height=height, num_inference_steps=args.steps, guidance_scale=args.guidance_scale)

@@ -1,8 +1,9 @@
 """Host-side image handling of Flux2KleinPipeline: reference preprocessing and output postprocessing.
 
 Ports diffusers Flux2ImageProcessor (check_image_input, _resize_to_target_area, _resize_and_crop) and the parts of
-VaeImageProcessor the pipeline uses (convert_to_rgb, pil_to_numpy, normalize, denormalize, numpy_to_pil). Resizing
-stays in PIL (LANCZOS): jax.image.resize is not bit-identical to it (klein.md §8.15).
+VaeImageProcessor the pipeline uses on the host (convert_to_rgb, pil_to_numpy, normalize, numpy_to_pil; denormalize
+runs in the compiled program, klein_jax/sampler.py). Resizing stays in PIL (LANCZOS): jax.image.resize is not
+bit-identical to it (klein.md §8.15).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from typing import Sequence
 
 import numpy as np
 import PIL.Image
+
+from klein_jax.request import check_reference_count
 
 MAX_REFERENCE_AREA = 1024 * 1024  # Flux2KleinPipeline resizes larger references down to this many pixels
 MIN_SIDE = 64  # Flux2ImageProcessor.check_image_input
@@ -44,14 +47,6 @@ def resize_to_target_area(image: PIL.Image.Image, target_area: int = MAX_REFEREN
     return image.resize((int(width * scale), int(height * scale)), PIL.Image.Resampling.LANCZOS)
 
 
-def reference_size(width: int, height: int, multiple_of: int = MULTIPLE_OF) -> tuple[int, int]:
-    """(width, height) a reference of this size has after the area cap and the floor to a multiple of 16."""
-    if width * height > MAX_REFERENCE_AREA:
-        scale = math.sqrt(MAX_REFERENCE_AREA / (width * height))
-        width, height = int(width * scale), int(height * scale)
-    return (width // multiple_of) * multiple_of, (height // multiple_of) * multiple_of
-
-
 def center_crop(image: PIL.Image.Image, width: int, height: int) -> PIL.Image.Image:
     """Crop the centre `width` x `height` box (Flux2ImageProcessor._resize_and_crop: a pure crop)."""
     left = (image.width - width) // 2
@@ -81,19 +76,13 @@ def preprocess_reference(image, *, index: int = 0, multiple_of: int = MULTIPLE_O
     return 2.0 * pixels - 1.0  # VaeImageProcessor.normalize: [0, 1] -> [-1, 1]
 
 
-def preprocess_references(images: Sequence, max_images: int = 4, multiple_of: int = MULTIPLE_OF) -> list[np.ndarray]:
-    """Check then preprocess 0..`max_images` references, in order (check_image_input runs on all of them first)."""
+def preprocess_references(images: Sequence, multiple_of: int = MULTIPLE_OF) -> list[np.ndarray]:
+    """Check then preprocess 0..MAX_REFERENCES references, in order (check_image_input runs on all of them first)."""
     images = list(images or ())
-    if len(images) > max_images:
-        raise ValueError(f"{len(images)} reference images given; at most {max_images} are allowed")
+    check_reference_count(len(images))
     for k, image in enumerate(images):
         check_image_input(image, index=k)
     return [preprocess_reference(image, index=k, multiple_of=multiple_of) for k, image in enumerate(images)]
-
-
-def denormalize(images: np.ndarray) -> np.ndarray:
-    """[-1, 1] decoder output -> [0, 1], clamped (VaeImageProcessor.denormalize)."""
-    return np.clip(images * 0.5 + 0.5, 0.0, 1.0)
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:

@@ -2,13 +2,12 @@
 
 diffusers works on (B, C, h, w); here every latent is NHWC: VAE latents (B, h, w, 32) at 1/8 of the
 pixels, patchified latents (B, h/2, w/2, 128) at 1/16, packed tokens (B, h/2 * w/2, 128) in row-major
-order. Position ids are 4-tuples (t, h, w, l), as integers.
+order (a reshape: diffusers _pack_latents). Position ids are 4-tuples (t, h, w, l), as integers.
 """
 
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 PATCH = 2  # the pipeline's 2x2 patchify (VAEConfig.patch_size)
@@ -33,37 +32,6 @@ def unpatchify(latents: jax.Array) -> jax.Array:
     x = latents.reshape(B, h, w, C, PATCH, PATCH)  # (B, h, w, C, pi, pj)
     x = x.transpose(0, 1, 4, 2, 5, 3)  # (B, h, pi, w, pj, C)
     return x.reshape(B, h * PATCH, w * PATCH, C)  # (B, 2h, 2w, C)
-
-
-def pack_latents(latents: jax.Array) -> jax.Array:
-    """(B, h, w, C) -> (B, h*w, C), token index r*w + c (diffusers _pack_latents)."""
-    B, h, w, C = latents.shape
-    return latents.reshape(B, h * w, C)  # (B, h, w, C) -> (B, L, C)
-
-
-def unpack_latents(tokens: jax.Array, height: int, width: int) -> jax.Array:
-    """(B, h*w, C) -> (B, h, w, C); inverse of `pack_latents` (= _unpack_latents_with_ids for row-major ids)."""
-    B, L, C = tokens.shape
-    if L != height * width:
-        raise ValueError(f"{L} tokens cannot be unpacked to a {height}x{width} grid ({height * width} tokens)")
-    return tokens.reshape(B, height, width, C)  # (B, L, C) -> (B, h, w, C)
-
-
-def _bn_std(running_var: jax.Array, eps: float, dtype) -> jax.Array:
-    # diffusers: torch.sqrt(running_var + eps) in the stats' dtype, then .to(latents.dtype)
-    return jnp.sqrt(running_var + eps).astype(dtype)
-
-
-def normalize(latents: jax.Array, running_mean: jax.Array, running_var: jax.Array, eps: float) -> jax.Array:
-    """(z - mean) / sqrt(var + eps) over the last (channel) axis, as Flux2KleinPipeline._encode_vae_image."""
-    mean = running_mean.astype(latents.dtype)
-    return (latents - mean) / _bn_std(running_var, eps, latents.dtype)
-
-
-def denormalize(latents: jax.Array, running_mean: jax.Array, running_var: jax.Array, eps: float) -> jax.Array:
-    """z * sqrt(var + eps) + mean over the last (channel) axis, as the end of Flux2KleinPipeline.__call__."""
-    mean = running_mean.astype(latents.dtype)
-    return latents * _bn_std(running_var, eps, latents.dtype) + mean
 
 
 def latent_ids(height: int, width: int, t: int = 0) -> np.ndarray:

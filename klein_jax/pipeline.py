@@ -1,9 +1,10 @@
-"""KleinPipeline: FLUX.2 [klein] text-to-image, edit and multi-reference generation (port of Flux2KleinPipeline).
+"""KleinPipeline: FLUX.2 [klein] text-to-image, image-to-image and multi-reference generation (port of
+Flux2KleinPipeline).
 
-Host work (validation, tokenizing, reference preprocessing with PIL, schedules, seeds) happens in `prepare`; device
-work runs in the ahead-of-time compiled programs of klein_jax/sampler.py. `__call__` is prepare + run for a list of
-prompts; `prepare` / `run_batch` / `compile` are the batch API the server uses (a request stream on warmed-up shapes
-compiles nothing).
+Host work (validation with klein_jax/request.py, tokenizing, reference preprocessing with PIL, schedules, seeds)
+happens in `prepare`; device work runs in the ahead-of-time compiled programs of klein_jax/sampler.py. `__call__` is
+prepare + run for a list of prompts; `prepare` / `run_batch` / `compile` are the batch API the server uses (a request
+stream on warmed-up shapes compiles nothing).
 
 Differences from diffusers, by design: distilled checkpoints default to 4 steps (diffusers: 50 for every klein);
 N prompts with references give N images each conditioned on the same references, and an image's noise comes from
@@ -15,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import math
 import os
 import secrets
 import time
@@ -29,10 +29,11 @@ import PIL.Image
 
 from klein_jax import images as image_ops
 from klein_jax import latents as latent_ops
-from klein_jax.aspect_ratios import ASPECT_RATIOS, resolve_aspect_ratio
 from klein_jax.buckets import ReferenceBuckets
 from klein_jax.loading import load_components
-from klein_jax.sampler import MAX_REFERENCES, GeneratePlan, ReferencePlan, Sampler, TextPlan, seed_key_data
+from klein_jax.request import (ASPECT_RATIOS, MAX_REFERENCES, Workflow, check_guidance_scale, check_prompt,
+                               check_seed, check_size, check_steps, resolve_aspect_ratio)
+from klein_jax.sampler import GeneratePlan, ReferencePlan, Sampler, TextPlan, seed_key_data
 from klein_jax.scheduler import Schedule, flow_match_schedule
 
 log = logging.getLogger(__name__)
@@ -40,8 +41,6 @@ log = logging.getLogger(__name__)
 DISTILLED_STEPS = 4
 BASE_STEPS = 50
 BASE_GUIDANCE_SCALE = 4.0
-MAX_SEED = 2**64 - 1
-MAX_STEPS = 1000
 OUTPUT_TYPES = ("pil", "np")
 
 
@@ -78,19 +77,16 @@ class PreparedRequest:
         return (self.width, self.height, self.num_steps, self.guidance_scale, refs, self.noise is not None)
 
     @property
-    def workflow(self) -> str:
-        """"text-to-image" (no reference), "edit" (1) or "multi-reference" (2-4)."""
-        return {0: "text-to-image", 1: "edit"}.get(len(self.references), "multi-reference")
+    def workflow(self) -> Workflow:
+        """text-to-image (no reference), image-to-image (1) or multi-reference (2-4)."""
+        return Workflow.for_references(len(self.references))
 
 
 class KleinPipeline:
     """FLUX.2 [klein] generation with ahead-of-time compiled programs (shared/spec/interfaces.md)."""
 
     def __init__(self, transformer, vae, text_encoder, tokenizer, *, is_distilled: bool, dtype=None,
-                 name: str = "flux2-klein", is_demo: bool = False, reference_buckets: ReferenceBuckets | None = None,
-                 compilation_cache_dir: str | os.PathLike | None = None):
-        if compilation_cache_dir is not None:
-            enable_compilation_cache(compilation_cache_dir)
+                 name: str = "flux2-klein", is_demo: bool = False, reference_buckets: ReferenceBuckets | None = None):
         self.tokenizer = tokenizer
         self.is_distilled = bool(is_distilled)
         self.is_demo = bool(is_demo)
@@ -152,43 +148,19 @@ class KleinPipeline:
     # ------------------------------------------------------------------------------------------- validation
 
     def _check_size(self, width, height) -> tuple[int, int]:
-        for name, value in (("width", width), ("height", height)):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-                raise ValueError(f"{name}={value!r} must be an integer number of pixels")
-            if value < self.pixels_per_token or value % self.pixels_per_token:
-                raise ValueError(f"{name}={value} must be a positive multiple of {self.pixels_per_token}")
-        return int(width), int(height)
-
-    def _check_prompt(self, prompt) -> str:
-        if not isinstance(prompt, str):
-            raise ValueError(f"prompt must be a str, got {type(prompt).__name__}")
-        if not prompt.strip():
-            raise ValueError("prompt is empty; give a non-empty text")
-        return prompt
+        return check_size(width, height, multiple_of=self.pixels_per_token)
 
     def _resolve_steps(self, steps) -> int:
-        if steps is None:
-            return self.default_steps
-        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= MAX_STEPS:
-            raise ValueError(f"num_inference_steps={steps!r} must be an integer in 1..{MAX_STEPS}")
-        return int(steps)
+        return self.default_steps if steps is None else check_steps(steps)
 
     def _resolve_guidance(self, guidance_scale) -> float | None:
-        if guidance_scale is not None and (isinstance(guidance_scale, bool) or not isinstance(
-                guidance_scale, (int, float, np.floating, np.integer)) or not math.isfinite(guidance_scale)):
-            raise ValueError(f"guidance_scale={guidance_scale!r} must be a finite number")
+        guidance_scale = check_guidance_scale(guidance_scale)
         if self.is_distilled:
             if guidance_scale is not None and guidance_scale > 1:
                 log.warning("guidance_scale %s is ignored for step-wise distilled models", guidance_scale)
             return None
-        scale = BASE_GUIDANCE_SCALE if guidance_scale is None else float(guidance_scale)
+        scale = BASE_GUIDANCE_SCALE if guidance_scale is None else guidance_scale
         return scale if scale > 1 else None  # diffusers: CFG iff guidance_scale > 1 and not is_distilled
-
-    @staticmethod
-    def _check_seed(seed) -> int:
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED:
-            raise ValueError(f"seed={seed!r} must be an integer in 0..2**64-1")
-        return int(seed)
 
     def _prepare_references(self, images) -> tuple[PreparedReference, ...]:
         if images is None:
@@ -197,8 +169,7 @@ class KleinPipeline:
             images = [images]
         if not isinstance(images, Sequence):
             raise ValueError(f"images must be a list of PIL images, got {type(images).__name__}")
-        pixels = image_ops.preprocess_references(images, max_images=MAX_REFERENCES,
-                                                 multiple_of=self.pixels_per_token)
+        pixels = image_ops.preprocess_references(images, multiple_of=self.pixels_per_token)
         return tuple(PreparedReference(p, self._reference_bucket(k, p.shape[0], p.shape[1]))
                      for k, p in enumerate(pixels))
 
@@ -228,9 +199,9 @@ class KleinPipeline:
                              guidance_scale)
 
     def _prepare(self, prompt, references, width, height, seed, steps, guidance_scale, noise=None) -> PreparedRequest:
-        prompt = self._check_prompt(prompt)
+        prompt = check_prompt(prompt)
         width, height = self._check_size(width, height)
-        seed = secrets.randbelow(2**32) if seed is None else self._check_seed(seed)
+        seed = secrets.randbelow(2**32) if seed is None else check_seed(seed)
         return PreparedRequest(prompt=prompt, width=width, height=height, seed=seed,
                                num_steps=self._resolve_steps(steps),
                                guidance_scale=self._resolve_guidance(guidance_scale),
@@ -294,7 +265,7 @@ class KleinPipeline:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, Sequence) else None
         if not prompts:
             raise ValueError(f"prompt must be a str or a non-empty list of str, got {prompt!r}")
-        prompts = [self._check_prompt(p) for p in prompts]
+        prompts = [check_prompt(p) for p in prompts]
         width, height = self._check_size(width, height)
         seeds = self._seeds(seed, len(prompts))
         noise = self._noise_from_latents(latents, len(prompts), width, height)
@@ -309,13 +280,13 @@ class KleinPipeline:
         if seed is None:
             return [None] * count
         if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
-            return [self._check_seed(seed + i) for i in range(count)]
+            return [check_seed(seed + i) for i in range(count)]
         if isinstance(seed, (str, bytes)) or not isinstance(seed, Sequence):
             raise ValueError(f"seed={seed!r} must be an int or a list of ints, one per prompt")
         seeds = list(seed)
         if len(seeds) != count:
             raise ValueError(f"{len(seeds)} seeds given for {count} prompts; give one per prompt")
-        return [self._check_seed(s) for s in seeds]
+        return [check_seed(s) for s in seeds]
 
     def _noise_from_latents(self, latents, count: int, width: int, height: int) -> np.ndarray | None:
         """diffusers-layout noise (B, C, h, w) -> packed (B, h*w, C) in the pipeline dtype (prepare_latents)."""
@@ -443,11 +414,3 @@ class KleinPipeline:
             self._negative_embeds = self.sampler.encode_text(input_ids, attention_mask)
         return self._negative_embeds
 
-
-def enable_compilation_cache(path: str | os.PathLike) -> None:
-    """Points JAX's persistent compilation cache at `path` (process-wide), so a restart loads programs from disk."""
-    from jax.experimental.compilation_cache import compilation_cache
-
-    os.makedirs(path, exist_ok=True)
-    compilation_cache.set_cache_dir(os.fspath(path))
-    log.info("persistent compilation cache: %s", path)

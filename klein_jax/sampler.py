@@ -3,12 +3,13 @@
 The only place that jits. Modules are split once (nnx.split) when the Sampler is built; every program is a pure
 function of (state, inputs), lowered and compiled ahead of time for one hashable plan (its static shapes) and kept
 in a dict on the Sampler, so the caller owns the cache. Sigmas, timesteps, the guidance scale and the reference
-layout are inputs, not constants: one program serves every request of its shape.
+layout are inputs, not constants: one program serves every request of its shape. Each plan lowers and describes
+itself; a float32 pipeline's programs ask for full-precision matmuls (torch's float32 matmuls are not TF32).
 
 Programs (plans):
 - TextPlan(batch): Qwen3 features of (B, 512) tokens.
-- ReferencePlan(batch, pixels): VAE-encode references padded to a grid bucket (reference_encoder.py) into a
-  fixed-length slot of packed tokens.
+- ReferencePlan(batch, pixels): VAE-encode references padded to a grid bucket (Flux2VAE.encode_reference_tokens)
+  into a fixed-length slot of packed tokens.
 - GeneratePlan(batch, grid, ref_tokens, steps, guidance, external_noise): noise -> Euler loop (lax.fori_loop over
   the transformer) -> VAE decode -> images in [0, 1]. The stepwise variant (StepPlan + DecodePlan + NoisePlan)
   runs the same math one step per call, for progress callbacks.
@@ -16,6 +17,7 @@ Programs (plans):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -27,24 +29,48 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from klein_jax.reference_encoder import encode_reference_tokens
+from klein_jax.models.transformer import round_to_dtype
+from klein_jax.request import MAX_REFERENCES  # reference slots of every program
 from klein_jax.scheduler import euler_step
 
 log = logging.getLogger(__name__)
 
-MAX_REFERENCES = 4  # reference slots of every program (shared/spec/api.md: at most 4 images)
+
+# Every plan has lower(sampler) -> (the program's function, its arguments' shapes) and describe(pixels_per_token).
 
 
 class TextPlan(NamedTuple):
+    """Qwen3 features of (batch, text_length) tokens."""
+
     batch: int
+
+    def lower(self, sampler: Sampler) -> tuple[Callable, tuple]:
+        tokens = _spec((self.batch, sampler.text_length), np.int32)
+        fn = functools.partial(_encode_text, graphs=sampler._graphs, dtype=sampler.dtype)
+        return fn, (sampler._text_state, tokens, tokens)
+
+    def describe(self, pixels_per_token: int) -> str:
+        return f"text encoder batch={self.batch}"
 
 
 class ReferencePlan(NamedTuple):
+    """VAE-encode references padded to a grid bucket into fixed-length slots of packed tokens."""
+
     batch: int
     pixels: tuple[int, int]  # padded (height, width) of the bucket, in pixels
 
+    def lower(self, sampler: Sampler) -> tuple[Callable, tuple]:
+        images = _spec((self.batch, *self.pixels, 3), np.float32)
+        fn = functools.partial(_encode_references, graphs=sampler._graphs, slot_tokens=sampler.slot_tokens)
+        return fn, (sampler._vae_state, images, _spec((2,), np.int32))
+
+    def describe(self, pixels_per_token: int) -> str:
+        return f"reference encoder {self.pixels[1]}x{self.pixels[0]} batch={self.batch}"
+
 
 class GeneratePlan(NamedTuple):
+    """Noise -> Euler loop over the transformer -> VAE decode -> images in [0, 1]."""
+
     batch: int
     grid: tuple[int, int]  # target latent grid (rows, cols): one token per 16x16 pixels
     ref_tokens: int  # padded reference token bucket; 0 without references
@@ -52,19 +78,64 @@ class GeneratePlan(NamedTuple):
     guidance: bool  # classifier-free guidance with the "" prompt (base checkpoints)
     external_noise: bool  # noise given (diffusers layout `latents=`) instead of drawn from seeds
 
+    def lower(self, sampler: Sampler) -> tuple[Callable, tuple]:
+        fn = functools.partial(_generate, graphs=sampler._graphs, plan=self)
+        return fn, ((sampler._transformer_state, sampler._vae_state), sampler.generate_input_specs(self))
+
+    def describe(self, pixels_per_token: int) -> str:
+        return (f"generate {_size(self.batch, self.grid, pixels_per_token)} ref_tokens={self.ref_tokens} "
+                f"steps={self.steps}{' cfg' if self.guidance else ''}{' given-noise' if self.external_noise else ''}")
+
 
 class StepPlan(NamedTuple):
+    """One Euler step of a GeneratePlan (the stepwise path, for progress callbacks)."""
+
     generate: GeneratePlan
+
+    def lower(self, sampler: Sampler) -> tuple[Callable, tuple]:
+        plan = self.generate
+        fn = functools.partial(_generate_step, graphs=sampler._graphs, plan=plan)
+        latents = sampler._latent_spec(plan.batch, plan.grid)
+        return fn, (sampler._transformer_state, latents, _spec((), np.int32), sampler.generate_input_specs(plan))
+
+    def describe(self, pixels_per_token: int) -> str:
+        return "one step of " + self.generate.describe(pixels_per_token)
 
 
 class DecodePlan(NamedTuple):
+    """Packed latents -> images in [0, 1] (the stepwise path)."""
+
     batch: int
     grid: tuple[int, int]
 
+    def lower(self, sampler: Sampler) -> tuple[Callable, tuple]:
+        fn = functools.partial(_decode_only, graphs=sampler._graphs, plan=self)
+        return fn, (sampler._vae_state, sampler._latent_spec(self.batch, self.grid))
+
+    def describe(self, pixels_per_token: int) -> str:
+        return f"decoder {_size(self.batch, self.grid, pixels_per_token)}"
+
 
 class NoisePlan(NamedTuple):
+    """The initial noise of `tokens` tokens from the seeds' key data (the stepwise path)."""
+
     batch: int
     tokens: int
+
+    def lower(self, sampler: Sampler) -> tuple[Callable, tuple]:
+        fn = functools.partial(_noise, channels=sampler.channels, dtype=sampler.dtype, plan=self)
+        return fn, (_spec((self.batch, 2), np.uint32),)
+
+    def describe(self, pixels_per_token: int) -> str:
+        return f"noise {self.tokens} tokens batch={self.batch}"
+
+
+def _size(batch: int, grid: tuple[int, int], pixels_per_token: int) -> str:
+    rows, cols = grid
+    return f"{cols * pixels_per_token}x{rows * pixels_per_token} batch={batch}"
+
+
+Plan = TextPlan | ReferencePlan | GeneratePlan | StepPlan | DecodePlan | NoisePlan
 
 
 def seed_key_data(seed: int) -> np.ndarray:
@@ -114,8 +185,19 @@ def _velocity(transformer, latents: jax.Array, step: jax.Array, inputs: dict, pl
     velocity = transformer(x, text, sigma, img_ids, inputs["text_ids"], kv_lengths=kv_lengths)[:, :L]
     if plan.guidance:
         cond, uncond = velocity[:B], velocity[B:]
-        velocity = uncond + inputs["guidance_scale"].astype(velocity.dtype) * (cond - uncond)
+        velocity = _guide(cond, uncond, inputs["guidance_scale"])
     return velocity
+
+
+def _guide(cond: jax.Array, uncond: jax.Array, scale: jax.Array) -> jax.Array:
+    """uncond + scale * (cond - uncond) as torch runs diffusers' line with a Python-float scale (float32 here).
+
+    Every op rounds to the velocity's dtype, but the scale is never rounded: torch multiplies a bfloat16 tensor by a
+    Python scalar in float32 (its opmath type), so 4.2 stays 4.2 (not bfloat16's 4.1875).
+    """
+    dtype = cond.dtype
+    diff = round_to_dtype(cond.astype(jnp.float32) - uncond.astype(jnp.float32), dtype)
+    return (uncond.astype(jnp.float32) + round_to_dtype(scale * diff, dtype)).astype(dtype)
 
 
 def _step(transformer, latents: jax.Array, step: jax.Array, inputs: dict, plan: GeneratePlan) -> jax.Array:
@@ -163,7 +245,7 @@ def _encode_text(state, input_ids, attention_mask, *, graphs: _Graphs, dtype):
 def _encode_references(state, images, valid_hw, *, graphs: _Graphs, slot_tokens: int):
     vae = nnx.merge(graphs.vae, state)
     # diffusers: image.to(dtype=vae.dtype) before _encode_vae_image
-    return encode_reference_tokens(vae, images.astype(vae.encoder.conv_in.kernel[...].dtype), valid_hw, slot_tokens)
+    return vae.encode_reference_tokens(images.astype(vae.encoder.conv_in.kernel[...].dtype), valid_hw, slot_tokens)
 
 
 def _spec(shape, dtype) -> jax.ShapeDtypeStruct:
@@ -196,48 +278,26 @@ class Sampler:
 
     # ------------------------------------------------------------------------------------------ compilation
 
-    def has(self, plan) -> bool:
-        """Whether the program of `plan` is compiled already."""
-        return plan in self._programs
+    def lower(self, plan: Plan) -> jax.stages.Lowered:
+        """The program of `plan` lowered to StableHLO; a float32 pipeline's matmuls at full precision."""
+        fn, args = plan.lower(self)
+        # JAX's default float32 matmul on a GPU is TF32 and torch's is not: float32 parity needs HIGHEST.
+        full = self.dtype == jnp.float32
+        with jax.default_matmul_precision("highest") if full else contextlib.nullcontext():
+            return jax.jit(fn).lower(*args)
 
-    def program(self, plan) -> jax.stages.Compiled:
+    def program(self, plan: Plan) -> jax.stages.Compiled:
         """The compiled program of `plan`, compiling it (ahead of time) on first use."""
         compiled = self._programs.get(plan)
         if compiled is None:
-            fn, args = self._lowering(plan)
             start = time.perf_counter()
-            compiled = jax.jit(fn).lower(*args).compile()
+            compiled = self.lower(plan).compile()
             seconds = time.perf_counter() - start
             self._programs[plan] = compiled
             self.compile_count += 1
             self.compile_seconds += seconds
-            log.info("compiled %s in %.1f s", _describe(plan, self.pixels_per_token), seconds)
+            log.info("compiled %s in %.1f s", plan.describe(self.pixels_per_token), seconds)
         return compiled
-
-    def _lowering(self, plan) -> tuple[Callable, tuple]:
-        graphs = self._graphs
-        if isinstance(plan, TextPlan):
-            tokens = _spec((plan.batch, self.text_length), np.int32)
-            return functools.partial(_encode_text, graphs=graphs, dtype=self.dtype), (self._text_state, tokens, tokens)
-        if isinstance(plan, ReferencePlan):
-            images = _spec((plan.batch, *plan.pixels, 3), np.float32)
-            fn = functools.partial(_encode_references, graphs=graphs, slot_tokens=self.slot_tokens)
-            return fn, (self._vae_state, images, _spec((2,), np.int32))
-        if isinstance(plan, GeneratePlan):
-            fn = functools.partial(_generate, graphs=graphs, plan=plan)
-            return fn, ((self._transformer_state, self._vae_state), self.generate_input_specs(plan))
-        if isinstance(plan, StepPlan):
-            inputs = self.generate_input_specs(plan.generate)
-            latents = self._latent_spec(plan.generate.batch, plan.generate.grid)
-            fn = functools.partial(_generate_step, graphs=graphs, plan=plan.generate)
-            return fn, (self._transformer_state, latents, _spec((), np.int32), inputs)
-        if isinstance(plan, DecodePlan):
-            fn = functools.partial(_decode_only, graphs=graphs, plan=plan)
-            return fn, (self._vae_state, self._latent_spec(plan.batch, plan.grid))
-        if isinstance(plan, NoisePlan):
-            fn = functools.partial(_noise, channels=self.channels, dtype=self.dtype, plan=plan)
-            return fn, (_spec((plan.batch, 2), np.uint32),)
-        raise TypeError(f"unknown plan {plan!r}")
 
     def _latent_spec(self, batch: int, grid: tuple[int, int]) -> jax.ShapeDtypeStruct:
         return _spec((batch, grid[0] * grid[1], self.channels), self.dtype)
@@ -304,23 +364,3 @@ class Sampler:
             timings["decode_ms"] = 1000 * (time.perf_counter() - middle)
         return images
 
-
-def _describe(plan, pixels_per_token: int) -> str:
-    if isinstance(plan, TextPlan):
-        return f"text encoder batch={plan.batch}"
-    if isinstance(plan, ReferencePlan):
-        return f"reference encoder {plan.pixels[1]}x{plan.pixels[0]} batch={plan.batch}"
-    if isinstance(plan, NoisePlan):
-        return f"noise {plan.tokens} tokens batch={plan.batch}"
-    if isinstance(plan, NoisePlan):
-        return f"noise {plan.tokens} tokens batch={plan.batch}"
-    if isinstance(plan, StepPlan):
-        return "one step of " + _describe(plan.generate, pixels_per_token)
-    if isinstance(plan, (GeneratePlan, DecodePlan)):
-        rows, cols = plan.grid
-        text = f"{cols * pixels_per_token}x{rows * pixels_per_token} batch={plan.batch}"
-        if isinstance(plan, DecodePlan):
-            return "decoder " + text
-        return (f"generate {text} ref_tokens={plan.ref_tokens} steps={plan.steps}"
-                f"{' cfg' if plan.guidance else ''}{' given-noise' if plan.external_noise else ''}")
-    return repr(plan)

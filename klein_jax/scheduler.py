@@ -7,18 +7,58 @@ diffusers builds the schedule on the host in numpy/torch:
     timesteps = sigmas * 1000 ; sigmas = cat([sigmas, 0])       # float32
 Every step below keeps those dtypes, so the values are bit-identical to diffusers'. The result depends only on
 (target image tokens, steps), so it is computed once per shape on the host and passed to the compiled sampler.
+check_scheduler_config refuses a scheduler_config.json whose schedule would differ from this one.
 """
 
 from __future__ import annotations
 
+import json
 import math
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 NUM_TRAIN_TIMESTEPS = 1000  # FlowMatchEulerDiscreteScheduler config (klein scheduler_config.json)
+SCHEDULER_CLASS = "FlowMatchEulerDiscreteScheduler"
+
+# The scheduler_config.json settings this port follows: key -> (what is supported, in JSON, and its test). diffusers
+# reads the booleans and shift_terminal by truthiness; Flux2KleinPipeline also reads use_flow_sigmas if present.
+_SUPPORTED: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "_class_name": (f'"{SCHEDULER_CLASS}"', lambda v: v in (None, SCHEDULER_CLASS)),
+    "num_train_timesteps": (str(NUM_TRAIN_TIMESTEPS), lambda v: v == NUM_TRAIN_TIMESTEPS),
+    "use_dynamic_shifting": ("true", bool),
+    "time_shift_type": ('"exponential"', lambda v: v == "exponential"),
+    **{key: ("false", lambda v: not v) for key in (
+        "invert_sigmas", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "stochastic_sampling",
+        "use_flow_sigmas")},
+    "shift_terminal": ("null", lambda v: not v),
+}
+# Read by FlowMatchEulerDiscreteScheduler only without dynamic shifting (the pipeline passes its own mu): any value.
+_UNUSED = ("shift", "base_shift", "max_shift", "base_image_seq_len", "max_image_seq_len")
+# FlowMatchEulerDiscreteScheduler.__init__ defaults that differ from what is supported (a key may be left out).
+_DIFFUSERS_DEFAULTS = {"use_dynamic_shifting": False}
+
+
+def check_scheduler_config(config: dict[str, Any]) -> None:
+    """Raises ValueError naming every setting of a scheduler_config.json that would change the schedule."""
+    if not isinstance(config, dict):  # a bad file: a ValueError like every problem below
+        raise ValueError(f"the scheduler config must be a JSON object, got {type(config).__name__}")  # noqa: TRY004
+    problems = []
+    for key, (supported, ok) in _SUPPORTED.items():
+        if key in config and not ok(config[key]):
+            problems.append(f"{key}={json.dumps(config[key], default=repr)} (supported: {supported})")
+        elif key not in config and key in _DIFFUSERS_DEFAULTS:
+            problems.append(f"{key} not set (diffusers' default {json.dumps(_DIFFUSERS_DEFAULTS[key])}; "
+                            f"supported: {supported})")
+    for key, value in config.items():
+        if key not in _SUPPORTED and key not in _UNUSED and not key.startswith("_"):
+            problems.append(f"{key}={json.dumps(value, default=repr)} (unknown to {SCHEDULER_CLASS})")
+    if problems:
+        raise ValueError(f"unsupported scheduler settings: {'; '.join(problems)}. klein-jax runs Flux2KleinPipeline's "
+                         f"schedule only: {SCHEDULER_CLASS} with dynamic shifting by the exponential time shift")
 
 
 class Schedule(NamedTuple):

@@ -153,7 +153,7 @@ def _configure_process(args: argparse.Namespace, settings: Settings) -> None:
     Image.MAX_IMAGE_PIXELS = settings.max_image_pixels
     warnings.simplefilter("error", Image.DecompressionBombWarning)  # images.py answers it with a 422
     if args.compile_cache:
-        from klein_jax.pipeline import enable_compilation_cache
+        from klein_jax.compilation_cache import enable_compilation_cache
 
         enable_compilation_cache(args.compile_cache)
 

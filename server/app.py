@@ -13,14 +13,14 @@ from typing import Any
 
 from quart import Quart, Response, g, request
 
-from klein_jax.aspect_ratios import ASPECT_RATIOS
+from klein_jax.request import ASPECT_RATIOS
 from server.auth import ApiKeys
 from server.errors import install_error_handler
 from server.fetch import ImageFetcher, Resolver
 from server.forms import read_form, validate_form
 from server.metrics import Metrics
 from server.openapi import build_openapi
-from server.service import GenerateService, workflow_name
+from server.service import GenerateService
 from server.settings import Settings
 
 access_log = logging.getLogger("server.access")
@@ -116,8 +116,8 @@ def create_app(models: Mapping[str, Any], settings: Settings, *, resolver: Resol
         fields, files = await read_form(request, settings)
         form = validate_form(fields, files, settings, list(models))
         g.timings["parse"] = (time.perf_counter() - start) * 1000.0
-        width, height = ASPECT_RATIOS[form.aspect_ratio]
-        g.fields.update(model=form.model, workflow=workflow_name(form.num_references), refs=form.num_references,
+        width, height = form.size
+        g.fields.update(model=form.model, workflow=form.workflow.value, refs=form.num_references,
                         aspect_ratio=form.aspect_ratio, resolution=f"{width}x{height}", seed=form.seed)
         result = await service.generate(form, g.timings)
         g.fields.update(seed=result.seed, batch_size=result.batch_size)

@@ -1,26 +1,28 @@
-"""Reading and validating the POST /v1/generate form (multipart or urlencoded) within the size limits."""
+"""Reading and validating the POST /v1/generate form (multipart or urlencoded) within the size limits.
+
+The request rules themselves (prompt, seed, reference count, aspect ratios) are klein_jax/request.py's, the same
+the pipeline applies; their ValueErrors become 422s here.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
-import re
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from quart import Request
 from quart.formparser import FormDataParser
 from werkzeug.datastructures import MultiDict
 
-from klein_jax.aspect_ratios import ASPECT_RATIOS
+from klein_jax.request import Workflow, check_prompt, check_reference_count, parse_seed, resolve_aspect_ratio
 from server.errors import RequestError
-from server.settings import DEFAULT_MODEL_ID, MAX_REFERENCES, Settings
+from server.settings import DEFAULT_MODEL_ID, Settings
 
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 SCALAR_FIELDS = ("prompt", "model", "aspect_ratio", "seed", "image_uris")
-MAX_SEED = 2**64 - 1  # the pipeline's seed range
-_SEED = re.compile(r"[0-9]{1,20}", re.ASCII)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +48,16 @@ class GenerateForm:
     def num_references(self) -> int:
         """Uploaded files plus image_uris."""
         return len(self.uploads) + len(self.image_uris)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) of the image to generate, from the aspect ratio."""
+        return resolve_aspect_ratio(self.aspect_ratio)
+
+    @property
+    def workflow(self) -> Workflow:
+        """The workflow the number of references picks."""
+        return Workflow.for_references(self.num_references)
 
 
 class _BoundedSpool(tempfile.SpooledTemporaryFile):
@@ -100,27 +112,33 @@ def validate_form(fields: MultiDict, files: MultiDict, settings: Settings, model
         raise RequestError(422, f"unexpected file field(s) {', '.join(map(repr, unexpected))}; upload reference "
                                 "images as 'images'")
     form = GenerateForm(
-        prompt=_prompt(fields.get("prompt"), settings.max_prompt_chars),
+        prompt=_prompt(fields.get("prompt")),
         model=_model(fields.get("model"), model_ids),
         aspect_ratio=_aspect_ratio(fields.get("aspect_ratio"), settings),
         seed=_seed(fields.get("seed")),
         uploads=_uploads(files.getlist("images")),
         image_uris=_image_uris(fields.get("image_uris")),
     )
-    if form.num_references > MAX_REFERENCES:
-        raise RequestError(422, f"too many reference images: {len(form.uploads)} files + {len(form.image_uris)} "
-                                f"image_uris = {form.num_references}; at most {MAX_REFERENCES}")
+    with _as_422():
+        check_reference_count(form.num_references,
+                              sources=f"{len(form.uploads)} files + {len(form.image_uris)} image_uris")
     return form
 
 
-def _prompt(value: str | None, max_chars: int) -> str:
+@contextlib.contextmanager
+def _as_422() -> Iterator[None]:
+    """klein_jax.request's ValueErrors (their messages name the field) as 422s."""
+    try:
+        yield
+    except ValueError as e:
+        raise RequestError(422, str(e)) from None
+
+
+def _prompt(value: str | None) -> str:
     if value is None:
         raise RequestError(422, "prompt is required")
-    if not value.strip():
-        raise RequestError(422, "prompt must not be empty or whitespace only")
-    if len(value) > max_chars:
-        raise RequestError(422, f"prompt is {len(value)} characters; at most {max_chars}")
-    return value
+    with _as_422():
+        return check_prompt(value)
 
 
 def _model(value: str | None, model_ids: Sequence[str]) -> str:
@@ -132,8 +150,8 @@ def _model(value: str | None, model_ids: Sequence[str]) -> str:
 
 def _aspect_ratio(value: str | None, settings: Settings) -> str:
     name = settings.default_aspect_ratio if value is None or value == "" else value
-    if name not in ASPECT_RATIOS:
-        raise RequestError(422, f"aspect_ratio {name!r} is not one of {', '.join(ASPECT_RATIOS)}")
+    with _as_422():
+        resolve_aspect_ratio(name)
     if name not in settings.aspect_ratios:
         raise RequestError(422, f"aspect_ratio {name!r} is not enabled on this server; use one of "
                                 f"{', '.join(settings.aspect_ratios)}")
@@ -143,10 +161,8 @@ def _aspect_ratio(value: str | None, settings: Settings) -> str:
 def _seed(value: str | None) -> int | None:
     if value is None or value.strip() == "":
         return None
-    text = value.strip()
-    if not _SEED.fullmatch(text) or int(text) > MAX_SEED:
-        raise RequestError(422, f"seed {value[:40]!r} is not an integer in 0..{MAX_SEED}")
-    return int(text)
+    with _as_422():
+        return parse_seed(value)
 
 
 def _uploads(storages: list) -> tuple[Upload, ...]:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from klein_jax.aspect_ratios import ASPECT_RATIOS
-from server.settings import DEFAULT_MODEL_ID, MAX_REFERENCES, Settings
+from klein_jax.request import ASPECT_RATIOS, MAX_PROMPT_CHARS, MAX_REFERENCES, MAX_SEED, Workflow
+from server.settings import DEFAULT_MODEL_ID, Settings
 
 _ERROR = {"$ref": "#/components/schemas/Error"}
 _METHOD_NOT_ALLOWED = {"description": "Another method than the route's (the Allow header lists them).",
@@ -21,7 +21,7 @@ def _error(description: str, *headers: str) -> dict:
 
 def _form_schema(model_ids: Sequence[str], settings: Settings, *, with_files: bool) -> dict:
     properties = {
-        "prompt": {"type": "string", "minLength": 1, "maxLength": settings.max_prompt_chars,
+        "prompt": {"type": "string", "minLength": 1, "maxLength": MAX_PROMPT_CHARS,
                    "description": "Text to generate from; empty or whitespace-only is a 422."},
         "model": {"type": "string", "enum": list(model_ids), "default": DEFAULT_MODEL_ID,
                   "description": "Model id; an id this server has not loaded is a 422 naming the loaded ids."},
@@ -32,9 +32,9 @@ def _form_schema(model_ids: Sequence[str], settings: Settings, *, with_files: bo
         "image_uris": {"type": "string", "contentMediaType": "application/json",
                        "description": "JSON array (as a string) of http(s):// URLs or data:image/...;base64, URIs; "
                                       "fetched after the uploaded files, in order."},
-        "seed": {"type": "string", "pattern": "^[0-9]{1,20}$",
-                 "description": "Optional integer in 0..2^64-1: the same seed, prompt, inputs and model give the "
-                                "same image. Random when absent; the seed used is in X-Klein-Seed."},
+        "seed": {"type": "string", "pattern": f"^[0-9]{{1,{len(str(MAX_SEED))}}}$",
+                 "description": f"Optional integer in 0..{MAX_SEED} (2^64-1): the same seed, prompt, inputs and "
+                                "model give the same image. Random when absent; the seed used is in X-Klein-Seed."},
     }
     if with_files:
         properties["images"] = {
@@ -42,7 +42,8 @@ def _form_schema(model_ids: Sequence[str], settings: Settings, *, with_files: bo
             "items": {"type": "string", "contentMediaType": "application/octet-stream"},
             "description": f"Reference images (PNG, JPEG, WEBP, GIF; at most {settings.max_image_bytes} bytes and "
                            f"{settings.max_image_pixels} pixels each); repeat the field. Files + image_uris: 0 "
-                           "text-to-image, 1 image-to-image, 2-4 multi-reference, more is a 422.",
+                           f"{Workflow.TEXT_TO_IMAGE}, 1 {Workflow.IMAGE_TO_IMAGE}, 2-{MAX_REFERENCES} "
+                           f"{Workflow.MULTI_REFERENCE}, more is a 422.",
         }
     return {"type": "object", "required": ["prompt"], "properties": properties}
 
@@ -111,7 +112,7 @@ def build_openapi(model_ids: Sequence[str], settings: Settings) -> dict:
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
             "headers": {
                 "X-Request-ID": {**header, "description": "Id of this request (also in the access log)."},
-                "X-Klein-Workflow": {**header, "enum": ["text-to-image", "image-to-image", "multi-reference"]},
+                "X-Klein-Workflow": {**header, "enum": [workflow.value for workflow in Workflow]},
                 "X-Klein-Seed": {**header, "description": "The seed used (integer)."},
                 "X-Klein-Model": {**header, "description": "The model id that generated the image."},
                 "X-Klein-Batch-Size": {**header, "description": "Requests run together on the device."},

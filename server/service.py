@@ -13,7 +13,6 @@ from typing import Any
 
 from PIL import Image
 
-from klein_jax.aspect_ratios import ASPECT_RATIOS
 from server.errors import RequestError
 from server.fetch import ImageFetcher
 from server.forms import GenerateForm
@@ -23,13 +22,6 @@ from server.settings import Settings
 from server.worker import DeviceWorker, Job, QueueFull, WorkerStopped
 
 log = logging.getLogger(__name__)
-
-WORKFLOWS = {0: "text-to-image", 1: "image-to-image"}  # 2-4 references: multi-reference
-
-
-def workflow_name(num_references: int) -> str:
-    """The workflow the contract assigns to a number of reference images."""
-    return WORKFLOWS.get(num_references, "multi-reference")
 
 
 @dataclasses.dataclass
@@ -121,7 +113,7 @@ class GenerateService:
     async def generate(self, form: GenerateForm, timings: dict[str, float]) -> Generated:
         """The PNG for a valid form; fills `timings` (ms per stage) as it goes."""
         references = await self._references(form, timings)
-        width, height = ASPECT_RATIOS[form.aspect_ratio]
+        width, height = form.size
         pipe = self.models[form.model]
         with _timed(timings, "prepare"):
             try:

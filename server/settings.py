@@ -5,10 +5,9 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 
-from klein_jax.aspect_ratios import ASPECT_RATIOS, DEFAULT_ASPECT_RATIO
+from klein_jax.request import ASPECT_RATIOS, DEFAULT_ASPECT_RATIO, MAX_REFERENCES
 
 DEFAULT_MODEL_ID = "flux2-klein-4b"
-MAX_REFERENCES = 4  # shared/spec/api.md: more than 4 reference images in total is a 422
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -31,7 +30,6 @@ class Settings:
     max_form_parts: int = 32
     max_image_bytes: int = 16 * 1024 * 1024  # per image: upload, fetched body or decoded data: URI
     max_image_pixels: int = 4096 * 4096
-    max_prompt_chars: int = 20_000
     fetch_timeout_s: float = 10.0  # per image_uris entry, redirects included
     max_redirects: int = 3
     allow_hosts: tuple[str, ...] = ()  # host names image_uris may fetch whatever they resolve to
@@ -42,7 +40,7 @@ class Settings:
 
     def __post_init__(self):
         for name in ("max_queue", "max_batch", "max_body_bytes", "max_form_parts", "max_image_bytes",
-                     "max_image_pixels", "max_prompt_chars"):
+                     "max_image_pixels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
         for name in ("timeout_s", "fetch_timeout_s"):

@@ -14,7 +14,6 @@ import random
 import re
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -22,11 +21,19 @@ from collections.abc import Sequence
 import httpx
 from PIL import Image
 
+from klein_jax.request import check_prompt, check_reference_count, check_seed, check_size
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
-# JAX's persistent compilation cache, shared by the contract server and the fuzz test's demo pipeline: the demo and
-# the converted tiny model have the same configs, so their programs are the same and compile once.
-COMPILE_CACHE = pathlib.Path(tempfile.gettempdir()) / "klein-server-tests-jax-cache"
+
+
+def session_compile_cache(tmp_path_factory) -> pathlib.Path:
+    """The session's persistent JAX compilation cache, under pytest's base temp folder (tests/test_readme.py and
+    tests/test_notebooks.py use the same folder). The contract test's servers and the fuzz test's demo pipeline
+    share it: the demo and the converted tiny model have the same configs, so their programs compile once."""
+    folder = tmp_path_factory.getbasetemp() / "jax-compile-cache"
+    folder.mkdir(exist_ok=True)
+    return folder
 
 
 # ---- a pipeline with the batch API of klein_jax.pipeline.KleinPipeline, answering solid images ----
@@ -68,18 +75,15 @@ class FakePipeline:
         return len(self.compile_calls)
 
     def prepare(self, prompt, images=(), width=1024, height=1024, seed=None):
-        if not prompt.strip():
-            raise ValueError("prompt is empty")
-        if width % 16 or height % 16:
-            raise ValueError(f"size {width}x{height} is not a multiple of 16")
-        if len(images) > 4:
-            raise ValueError(f"{len(images)} reference images; at most 4")
+        check_prompt(prompt)
+        check_size(width, height)
+        check_reference_count(len(images))
         for image in images:
             if image.mode != "RGB":
                 raise ValueError(f"reference image mode {image.mode}, expected RGB")
             if min(image.size) < 64:
                 raise ValueError(f"reference image {image.size} is too small; both sides must be at least 64 px")
-        seed = random.randrange(2**32) if seed is None else seed
+        seed = random.randrange(2**32) if seed is None else check_seed(seed)
         return FakePrepared(prompt, width, height, seed, tuple(i.size for i in images),
                             tuple(i.getpixel((0, 0)) for i in images))
 

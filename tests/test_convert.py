@@ -392,3 +392,17 @@ def test_hub_with_bfl_transformer_skips_transformer_weights(tiny, fake_hub, tmp_
 def test_hub_errors_are_one_line(fake_hub, tmp_path, capsys):
     _fails(["someone/not-a-repo", str(tmp_path / "out")], capsys, "could not download", "someone/not-a-repo",
            "404")
+
+
+def test_unsupported_scheduler_config_is_refused(tiny, tmp_path, capsys):
+    """use_karras_sigmas=true would change the schedule: exit 1 with one line naming it, nothing written; the
+    loader refuses it too."""
+    from klein_jax.loading import ConversionError
+
+    src = _copy_src(tiny, tmp_path)
+    path = src / "scheduler" / "scheduler_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "use_karras_sigmas": True}))
+    _fails([str(src), str(tmp_path / "out")], capsys, str(path), "use_karras_sigmas=true (supported: false)")
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ConversionError, match="use_karras_sigmas=true"):
+        load_components(src, "float32")

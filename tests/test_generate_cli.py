@@ -6,18 +6,14 @@ import sys
 import numpy as np
 import PIL.Image
 import pytest
-from tiny_pipeline import make_tiny_diffusers_pipeline
 
-from convert.cli import main as convert_main
 from klein_jax.cli import main
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli")
-    source = make_tiny_diffusers_pipeline(root / "diffusers")
-    assert convert_main([str(source), str(root / "klein"), "--dtype", "float32", "--no-progress"]) == 0
-    return root / "klein"
+def model(tiny_checkpoint):
+    """The session's converted tiny distilled checkpoint (tests/conftest.py)."""
+    return tiny_checkpoint.klein
 
 
 def run(capsys, *argv):
@@ -59,6 +55,24 @@ def test_missing_model_exits_1(tmp_path, capsys):
     code, _, err = run(capsys, "--model", tmp_path / "nowhere", "--prompt", "a cat", "--compilation-cache", "none")
     assert code == 1 and "klein-generate: error: source not found" in err
     assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("flag, env, want", [
+    (["--compilation-cache", "{tmp}/xla"], None, "{tmp}/xla"),
+    ([], "{tmp}/from-env", "{tmp}/from-env"),
+    (["--compilation-cache", "none"], "{tmp}/from-env", None),
+])
+def test_the_entry_point_sets_the_compilation_cache(tmp_path, capsys, monkeypatch, flag, env, want):
+    import klein_jax.compilation_cache
+
+    enabled = []
+    monkeypatch.setattr(klein_jax.compilation_cache, "enable_compilation_cache", enabled.append)
+    if env is not None:
+        monkeypatch.setenv("KLEIN_COMPILATION_CACHE", env.format(tmp=tmp_path))
+    code, _, _ = run(capsys, "--model", tmp_path / "nowhere", "--prompt", "a cat",
+                     *[a.format(tmp=tmp_path) for a in flag])
+    assert code == 1  # no model there: the cache is set before loading
+    assert enabled == ([] if want is None else [want.format(tmp=tmp_path)])
 
 
 def test_empty_prompt_exits_1(model, capsys):

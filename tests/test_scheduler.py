@@ -1,5 +1,7 @@
 """The flow-matching schedule and Euler step against diffusers (Flux2KleinPipeline, FlowMatchEulerDiscreteScheduler)."""
 
+import json
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -8,15 +10,15 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu as diffusers_mu
 from diffusers.pipelines.flux2.pipeline_flux2_klein import retrieve_timesteps
 
-from klein_jax.scheduler import compute_empirical_mu, euler_step, flow_match_schedule
+from klein_jax.scheduler import check_scheduler_config, compute_empirical_mu, euler_step, flow_match_schedule
 
 # scheduler/scheduler_config.json of the klein repos (klein.md §5.3)
 KLEIN_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, time_shift_type="exponential")
 
 
-def diffusers_schedule(tokens: int, steps: int) -> tuple[np.ndarray, np.ndarray]:
+def diffusers_schedule(tokens: int, steps: int, **config) -> tuple[np.ndarray, np.ndarray]:
     """(sigmas, timesteps) exactly as Flux2KleinPipeline.__call__ step 6 computes them."""
-    scheduler = FlowMatchEulerDiscreteScheduler(**KLEIN_SCHEDULER)
+    scheduler = FlowMatchEulerDiscreteScheduler(**{**KLEIN_SCHEDULER, **config})
     sigmas = np.linspace(1.0, 1 / steps, steps)
     timesteps, _ = retrieve_timesteps(scheduler, steps, "cpu", sigmas=sigmas, mu=diffusers_mu(tokens, steps))
     return scheduler.sigmas.numpy(), timesteps.numpy()
@@ -80,3 +82,71 @@ def test_euler_step_matches_scheduler_step(dtype):
                           jnp.float32(schedule.sigmas[i]), jnp.float32(schedule.sigmas[i + 1]))
         assert ours.dtype == (jnp.bfloat16 if dtype == torch.bfloat16 else jnp.float32)
         np.testing.assert_array_equal(np.asarray(ours.astype(jnp.float32)), sample.float().numpy())
+
+
+# ------------------------------------------------------------------------------------------ scheduler_config.json
+
+
+def saved_config(**changes) -> dict:
+    """scheduler_config.json as diffusers writes it for klein's scheduler, with `changes`."""
+    return {**json.loads(FlowMatchEulerDiscreteScheduler(**KLEIN_SCHEDULER).to_json_string()), **changes}
+
+
+@pytest.mark.parametrize("changes", [
+    {},
+    dict(shift=1.0, base_shift=0.3, max_shift=2.0, base_image_seq_len=64, max_image_seq_len=8192),
+    dict(shift_terminal=0.0),
+])
+def test_accepted_configs_give_our_schedule(changes):
+    """What is accepted leaves diffusers' schedule bit-identical to ours (the values it ignores may be anything)."""
+    config = saved_config(**changes)
+    assert config["_class_name"] == "FlowMatchEulerDiscreteScheduler" and "_diffusers_version" in config
+    check_scheduler_config(config)
+    init = {k: v for k, v in config.items() if not k.startswith("_")}
+    sigmas, timesteps = diffusers_schedule(4096, 4, **init)
+    np.testing.assert_array_equal(flow_match_schedule(4096, 4).sigmas, sigmas)
+    np.testing.assert_array_equal(flow_match_schedule(4096, 4).timesteps, timesteps)
+
+
+@pytest.mark.parametrize("changes, needle", [
+    (dict(use_dynamic_shifting=False), "use_dynamic_shifting=false (supported: true)"),
+    (dict(time_shift_type="linear"), 'time_shift_type="linear" (supported: "exponential")'),
+    (dict(num_train_timesteps=500), "num_train_timesteps=500 (supported: 1000)"),
+    (dict(shift_terminal=0.1), "shift_terminal=0.1 (supported: null)"),
+    (dict(use_karras_sigmas=True), "use_karras_sigmas=true (supported: false)"),
+    (dict(use_exponential_sigmas=True), "use_exponential_sigmas=true (supported: false)"),
+    (dict(use_beta_sigmas=True), "use_beta_sigmas=true (supported: false)"),
+    (dict(invert_sigmas=True), "invert_sigmas=true (supported: false)"),
+    (dict(stochastic_sampling=True), "stochastic_sampling=true (supported: false)"),
+    (dict(use_flow_sigmas=True), "use_flow_sigmas=true (supported: false)"),
+    (dict(_class_name="EulerDiscreteScheduler"),
+     '_class_name="EulerDiscreteScheduler" (supported: "FlowMatchEulerDiscreteScheduler")'),
+    (dict(use_new_sigmas=True), "use_new_sigmas=true (unknown to FlowMatchEulerDiscreteScheduler)"),
+])
+def test_refused_settings_are_named(changes, needle):
+    with pytest.raises(ValueError, match="unsupported scheduler settings") as e:
+        check_scheduler_config(saved_config(**changes))
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("changes", [dict(use_dynamic_shifting=False), dict(time_shift_type="linear"),
+                                     dict(num_train_timesteps=500), dict(shift_terminal=0.1),
+                                     dict(use_karras_sigmas=True), dict(invert_sigmas=True)])
+def test_refused_settings_change_the_schedule(changes):
+    """Each refused schedule setting really moves diffusers' sigmas or timesteps away from ours."""
+    sigmas, timesteps = diffusers_schedule(4096, 4, **changes)
+    ours = flow_match_schedule(4096, 4)
+    assert not (np.array_equal(ours.sigmas, sigmas) and np.array_equal(ours.timesteps, timesteps))
+
+
+def test_every_offending_key_in_one_error():
+    config = {k: v for k, v in saved_config(use_karras_sigmas=True, time_shift_type="linear").items()
+              if k != "use_dynamic_shifting"}
+    with pytest.raises(ValueError) as e:
+        check_scheduler_config(config)
+    message = str(e.value)
+    for needle in ("use_karras_sigmas=true", 'time_shift_type="linear"',
+                   "use_dynamic_shifting not set (diffusers' default false; supported: true)"):
+        assert needle in message
+    with pytest.raises(ValueError, match="must be a JSON object, got list"):
+        check_scheduler_config([])

@@ -172,7 +172,7 @@ def test_413_body_and_parts_limits(client):
 
 
 @pytest.mark.parametrize("fields, files, detail", [
-    ({"prompt": "  "}, [], "prompt must not be empty"),
+    ({"prompt": "  "}, [], "prompt is empty or whitespace only"),
     ({}, [], "prompt is required"),
     ({"prompt": "p", "aspect_ratio": "cinema"}, [], "is not one of square, landscape"),
     ({"prompt": "p", "model": "flux2-klein-9b"}, [], "this server has: flux2-klein-4b, fake-2"),
@@ -186,7 +186,7 @@ def test_413_body_and_parts_limits(client):
     ({"prompt": "p"}, [("images", "huge.png", b"0" * (MAX_IMAGE_BYTES + 1))], "larger than 65536 bytes"),
     ({"prompt": "p"}, [("images", "tiny.png", png_bytes(size=(8, 8)))], "too small"),  # the pipeline's own check
     ({"prompt": "p", "image_uris": json.dumps([data_uri(RED)] * 3)}, [("images", "a.png", RED)] * 2,
-     "2 files + 3 image_uris = 5; at most 4"),
+     "5 reference images given (2 files + 3 image_uris); at most 4"),
     ({"prompt": "p", "image_uris": json.dumps(["data:image/png;base64,%%%"])}, [], "not valid base64"),
     ({"prompt": "p", "image_uris": json.dumps([data_uri(b"0" * (MAX_IMAGE_BYTES + 1))])}, [], "larger than 65536"),
 ])

@@ -20,7 +20,6 @@ import sys
 import httpx
 import pytest
 from server_support import (
-    COMPILE_CACHE,
     REPO,
     RecordingServer,
     ServerProcess,
@@ -28,6 +27,7 @@ from server_support import (
     data_uri,
     decode_png,
     png_bytes,
+    session_compile_cache,
 )
 
 from klein_jax.aspect_ratios import ASPECT_RATIOS
@@ -64,8 +64,7 @@ def images():
 
 # --timeout-s 300: a full queue drains in (MAX_QUEUE + MAX_BATCH) x ~10 s here, so overload must show as 503, not 504.
 COMMON_ARGS = ["--max-queue", str(MAX_QUEUE), "--max-batch", str(MAX_BATCH), "--timeout-s", "300",
-               "--compile-references", "0",
-               "--compile-cache", str(COMPILE_CACHE), "--allow-networks", "127.0.0.2/32",
+               "--compile-references", "0", "--allow-networks", "127.0.0.2/32",
                "--max-body-bytes", str(2 * 2**20), "--max-image-bytes", str(2**20),
                "--max-image-pixels", str(2048 * 2048), "--fetch-timeout-s", "10"]
 
@@ -76,7 +75,7 @@ def servers(images, tmp_path_factory):
 
     The demo server compiles while this process converts the tiny model: the two overlap.
     """
-    env = {"KLEIN_API_KEYS": f"{KEY},second-key"}
+    env = {"KLEIN_API_KEYS": f"{KEY},second-key", "KLEIN_COMPILE_CACHE": str(session_compile_cache(tmp_path_factory))}
     demo = ServerProcess(["--demo", *COMMON_ARGS], tmp_path_factory.mktemp("demo-server"), env=env)
     try:
         first_answer = demo.wait_ready(timeout_s=30, until_any_answer=True)[-1]
@@ -208,8 +207,8 @@ def test_404_405_413(http):
 
 
 @pytest.mark.parametrize("fields, files, text", [
-    ({"prompt": ""}, [], "prompt must not be empty"),
-    ({"prompt": "   "}, [], "prompt must not be empty"),
+    ({"prompt": ""}, [], "prompt is empty or whitespace only"),
+    ({"prompt": "   "}, [], "prompt is empty or whitespace only"),
     ({"aspect_ratio": "ultrawide"}, [], "square, landscape, portrait, photo, photo_v, standard, standard_v, wide"),
     ({"model": "flux2-klein-9b"}, [], "model 'flux2-klein-9b' is not loaded; this server has: flux2-klein-4b"),
     ({"image_uris": "[oops"}, [], "not valid JSON"),
@@ -218,7 +217,8 @@ def test_404_405_413(http):
     ({}, [b"not an image at all"], "is not a PNG, JPEG, WEBP, GIF image"),
     ({"image_uris": "{good}/notes.txt"}, [], "is not a PNG"),
     ({}, [RED, BLUE, GREEN, RED, BLUE], "at most 4"),
-    ({"image_uris": json.dumps([data_uri(RED)] * 3)}, [RED, BLUE], "2 files + 3 image_uris = 5; at most 4"),
+    ({"image_uris": json.dumps([data_uri(RED)] * 3)}, [RED, BLUE],
+     "5 reference images given (2 files + 3 image_uris); at most 4"),
     ({}, [b"\x89PNG" + b"\0" * 2**20], "larger than 1048576 bytes"),
     ({}, [png_bytes(size=(2100, 2100), mode="1", color=0)], "4410000 pixels"),  # limit 2048 x 2048
     ({}, [bomb_png()], "decompression bomb"),

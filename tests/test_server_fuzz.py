@@ -13,10 +13,11 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from jax.experimental.compilation_cache import compilation_cache
-from server_support import COMPILE_CACHE, AppClient, bomb_png, data_uri, decode_png, jpeg_bytes, png_bytes
+from server_support import AppClient, bomb_png, data_uri, decode_png, jpeg_bytes, png_bytes, session_compile_cache
 
-from klein_jax.aspect_ratios import ASPECT_RATIOS
+from klein_jax.compilation_cache import enable_compilation_cache
 from klein_jax.demo import build_demo_pipeline
+from klein_jax.request import ASPECT_RATIOS, MAX_SEED
 from server import Settings, create_app
 
 KEY = "fuzz-key"
@@ -37,11 +38,10 @@ async def _resolve_everything_to_loopback(host, port):
 
 
 @pytest.fixture(scope="module")
-def client():
+def client(tmp_path_factory):
     """The demo app; its programs come from the compilation cache the contract test's server filled, if it ran."""
     previous = jax.config.jax_compilation_cache_dir
-    jax.config.update("jax_compilation_cache_dir", str(COMPILE_CACHE))
-    compilation_cache.reset_cache()  # JAX decides once per process whether the cache is used: decide again
+    enable_compilation_cache(session_compile_cache(tmp_path_factory))
     settings = Settings(api_keys=(KEY,), aspect_ratios=ENABLED, max_batch=1, compile_references=0,
                         max_image_pixels=2**20, max_image_bytes=256 * 1024, fetch_timeout_s=2)
     app_client = AppClient(create_app({"flux2-klein-4b": build_demo_pipeline()}, settings,
@@ -59,8 +59,8 @@ anything = st.fixed_dictionaries({
     "prompt": st.one_of(st.none(), st.just("a red fox"), st.text(max_size=40), st.just(" \t ")),
     "model": st.one_of(st.none(), st.sampled_from(["flux2-klein-4b", "flux2-klein-9b", ""]), optional_text),
     "aspect_ratio": st.one_of(st.none(), st.sampled_from(list(ASPECT_RATIOS)), optional_text),
-    "seed": st.one_of(st.none(), st.integers(0, 2**64 - 1).map(str), st.integers(-9, -1).map(str),
-                      st.integers(2**64, 2**70).map(str), optional_text),
+    "seed": st.one_of(st.none(), st.integers(0, MAX_SEED).map(str), st.integers(-9, -1).map(str),
+                      st.integers(MAX_SEED + 1, 2**70).map(str), optional_text),
     "files": st.lists(st.sampled_from(sorted(IMAGES)), max_size=6),
     "image_uris": st.one_of(st.none(), optional_text, st.lists(st.sampled_from(URIS), max_size=6).map(json.dumps)),
 })
@@ -68,7 +68,7 @@ anything = st.fixed_dictionaries({
 mostly_valid = st.fixed_dictionaries({
     "key": st.just(KEY), "auth_scheme": st.just("Bearer"), "prompt": st.text(min_size=1, max_size=40),
     "model": st.sampled_from([None, "flux2-klein-4b"]), "aspect_ratio": st.sampled_from([None, *ENABLED]),
-    "seed": st.one_of(st.none(), st.integers(0, 2**64 - 1).map(str)),
+    "seed": st.one_of(st.none(), st.integers(0, MAX_SEED).map(str)),
     "files": st.lists(st.sampled_from(["png", "jpeg", "tiny"]), max_size=2),
     "image_uris": st.one_of(st.none(), st.just("[]"), st.lists(st.sampled_from(URIS[-6:]), max_size=2).map(json.dumps)),
 })
@@ -108,8 +108,8 @@ def test_generate_never_fails_and_answers_png_or_detail(client, r):
 
 
 def test_same_seed_same_bytes(client):
-    fields = {"prompt": "ünïcode prompt ✓", "seed": str(2**64 - 1), "aspect_ratio": "wide"}
+    fields = {"prompt": "ünïcode prompt ✓", "seed": str(MAX_SEED), "aspect_ratio": "wide"}
     first, second = client.generate(fields, key=KEY), client.generate(fields, key=KEY)
     assert first.status == second.status == 200
-    assert first.body == second.body and first.headers["X-Klein-Seed"] == str(2**64 - 1)
+    assert first.body == second.body and first.headers["X-Klein-Seed"] == str(MAX_SEED)
     assert decode_png(first.body).size == ASPECT_RATIOS["wide"]

@@ -117,14 +117,14 @@ def test_validate_form_skips_an_empty_browser_file_input_and_blank_seed():
 
 @pytest.mark.parametrize("fields, files, detail", [
     ([], [], "prompt is required"),
-    ([("prompt", "")], [], "prompt must not be empty"),
-    ([("prompt", " \t\n")], [], "prompt must not be empty"),
+    ([("prompt", "")], [], "prompt is empty or whitespace only"),
+    ([("prompt", " \t\n")], [], "prompt is empty or whitespace only"),
     ([("prompt", "x" * 20_001)], [], "at most 20000"),
     ([("prompt", "a"), ("prompt", "b")], [], "'prompt' was sent 2 times"),
     ([("prompt", "p"), ("model", "flux2-klein-9b")], [], "flux2-klein-4b, other"),
     ([("prompt", "p"), ("aspect_ratio", "cinema")], [], "square, landscape, portrait"),
     ([("prompt", "p"), ("aspect_ratio", "portrait")], [], "not enabled on this server; use one of square, landscape"),
-    ([("prompt", "p"), ("seed", "-1")], [], "seed '-1'"),
+    ([("prompt", "p"), ("seed", "-1")], [], "seed='-1' is not an integer"),
     ([("prompt", "p"), ("seed", "1.5")], [], "is not an integer"),
     ([("prompt", "p"), ("seed", "١٢")], [], "is not an integer"),
     ([("prompt", "p"), ("seed", str(2**64))], [], "is not an integer in 0..18446744073709551615"),
@@ -138,7 +138,7 @@ def test_validate_form_skips_an_empty_browser_file_input_and_blank_seed():
     ([("prompt", "p"), ("images", "https://x/a.png")], [], "images must be uploaded files"),
     ([("prompt", "p")], [("image", "f")], "unexpected file field(s) 'image'"),
     ([("prompt", "p"), ("image_uris", '["http://a/1", "http://a/2"]')], [("images", "f")] * 3,
-     "3 files + 2 image_uris = 5; at most 4"),
+     "5 reference images given (3 files + 2 image_uris); at most 4"),
 ])
 def test_validate_form_refuses_with_422(fields, files, detail):
     files = [(name, _file(b"img")) for name, _ in files]

@@ -224,14 +224,15 @@ def test_timestep_embedding_hand_values():
 
 
 def test_timestep_embedding_matches_diffusers():
-    """Equal to diffusers except where torch's float32 exp is 1 ulp off (ours is correctly rounded)."""
+    """Equal to diffusers except where torch's float32 exp is 1 ulp off (ours is correctly rounded). How many of the
+    128 frequencies torch rounds differently depends on the CPU's vector unit (2 on one machine, 3 on another)."""
     t = np.array([0.0, 1.5, 110.0, 732.0, 968.0, 999.9], np.float32)
     want = get_timestep_embedding(torch.from_numpy(t), 256, flip_sin_to_cos=True, downscale_freq_shift=0).numpy()
     got = np.asarray(timestep_embedding(jnp.asarray(t), 256))
     exponent = -math.log(10000) * torch.arange(128, dtype=torch.float32) / 128  # diffusers' float32 formula
     torch_freqs, freqs = torch.exp(exponent).numpy(), timestep_frequencies(256)
     off = np.nonzero(torch_freqs != freqs)[0]
-    assert len(off) <= 2 and np.all(np.abs(torch_freqs[off] - freqs[off]) <= np.spacing(freqs[off]))
+    assert len(off) <= 8 and np.all(np.abs(torch_freqs[off] - freqs[off]) <= np.spacing(freqs[off]))
     np.testing.assert_array_equal(freqs, np.exp(exponent.numpy().astype(np.float64)).astype(np.float32))
     same = np.setdiff1d(np.arange(256), np.concatenate([off, off + 128]))
     np.testing.assert_allclose(got[:, same], want[:, same], atol=2e-7)

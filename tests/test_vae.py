@@ -1,4 +1,6 @@
-"""Flux2VAE (NHWC) against diffusers AutoencoderKLFlux2 and Flux2KleinPipeline's latent paths, float32 on CPU."""
+"""Flux2VAE (NHWC) against diffusers AutoencoderKLFlux2 and Flux2KleinPipeline's latent paths, float32 on CPU.
+
+Padded references (masks in the blocks) are in tests/test_reference_encoding.py."""
 
 import types
 
@@ -16,7 +18,7 @@ from klein_jax.loading.keymap import map_weights
 from klein_jax.loading.safetensors import ShardedCheckpoint
 from klein_jax import latents as L
 from klein_jax.configs import FLUX2_VAE, VAEConfig
-from klein_jax.models.vae import Flux2VAE
+from klein_jax.models.vae import Flux2VAE, LatentBatchNorm
 
 REL = 1e-5
 
@@ -85,6 +87,11 @@ def _run(model: Flux2VAE, method: str, x: jnp.ndarray) -> jnp.ndarray:
     return getattr(model, method)(x)
 
 
+@nnx.jit(static_argnums=3)
+def _reference_tokens(model: Flux2VAE, images: jnp.ndarray, valid_hw: np.ndarray, slot_tokens: int) -> jnp.ndarray:
+    return model.encode_reference_tokens(images, valid_hw, slot_tokens)
+
+
 def _images(shape, seed=0) -> np.ndarray:
     return np.random.default_rng(seed).uniform(-1, 1, shape).astype(np.float32)
 
@@ -97,11 +104,12 @@ def _nhwc(t: torch.Tensor) -> np.ndarray:
     return t.detach().permute(0, 2, 3, 1).numpy()
 
 
-def _ref_encode_packed(ref, images: np.ndarray) -> np.ndarray:
-    """Flux2KleinPipeline._encode_vae_image itself, run on a stand-in `self` that has only the VAE."""
+def _ref_reference_tokens(ref, images: np.ndarray) -> np.ndarray:
+    """Flux2KleinPipeline._encode_vae_image + _pack_latents, run on a stand-in `self` that has only the VAE."""
     fake_pipe = types.SimpleNamespace(vae=ref, _patchify_latents=Flux2KleinPipeline._patchify_latents)
     with torch.no_grad():
-        return _nhwc(Flux2KleinPipeline._encode_vae_image(fake_pipe, _nchw(images), generator=None))
+        latents = Flux2KleinPipeline._encode_vae_image(fake_pipe, _nchw(images), generator=None)
+        return Flux2KleinPipeline._pack_latents(latents).numpy()  # (B, h*w, 4C), row-major
 
 
 def _ref_decode_tokens(ref, tokens: np.ndarray, h: int, w: int) -> np.ndarray:
@@ -152,17 +160,16 @@ def test_decode_matches_diffusers(pair):
 def test_packed_paths_match_pipeline(pipeline_pair):
     ref, ours, config = pipeline_pair
     images = _images((1, 96, 160, 3), seed=4)
-    want = _ref_encode_packed(ref, images)
-    packed = _run(ours, "encode_packed", jnp.asarray(images))
     f = 2 * config.spatial_scale
-    assert packed.shape == (1, 96 // f, 160 // f, config.packed_channels)
-    assert_close(packed, want, rel=REL, name="encode_packed")
-    h, w = packed.shape[1:3]
-    tokens = np.asarray(L.pack_latents(packed))  # what the transformer sees: (1, h*w, 4C)
-    want_images = _ref_decode_tokens(ref, tokens, h, w)
-    got_images = _run(ours, "decode_packed", L.unpack_latents(jnp.asarray(tokens), h, w))
+    h, w = 96 // f, 160 // f
+    want = _ref_reference_tokens(ref, images)
+    tokens = _reference_tokens(ours, jnp.asarray(images), np.array([96, 160], np.int32), h * w)
+    assert tokens.shape == (1, h * w, config.packed_channels)
+    assert_close(tokens, want, rel=REL, name="encode_reference_tokens at full size")
+    want_images = _ref_decode_tokens(ref, want, h, w)
+    got_images = _run(ours, "decode_packed", jnp.asarray(want).reshape(1, h, w, -1))  # (1, L, 4C) -> (1, h, w, 4C)
     assert got_images.shape == images.shape
-    assert_close(got_images, want_images, rel=REL, name="pixels -> packed -> pixels")
+    assert_close(got_images, want_images, rel=REL, name="packed -> pixels")
 
 
 def test_smallest_sizes(pipeline_pair):
@@ -173,11 +180,12 @@ def test_smallest_sizes(pipeline_pair):
         want = _nhwc(ref.encode(_nchw(images)).latent_dist.mode())
     assert_close(_run(ours, "encode", jnp.asarray(images)), want, rel=REL, name="encode at the smallest size")
     images = _images((1, 2 * f, 2 * f, 3), seed=6)  # smallest packed: one token
-    packed = _run(ours, "encode_packed", jnp.asarray(images))
-    assert packed.shape == (1, 1, 1, config.packed_channels)
-    assert_close(packed, _ref_encode_packed(ref, images), rel=REL, name="encode_packed at the smallest size")
-    want_images = _ref_decode_tokens(ref, np.asarray(L.pack_latents(packed)), 1, 1)
-    assert_close(_run(ours, "decode_packed", packed), want_images, rel=REL, name="decode_packed at the smallest size")
+    tokens = _reference_tokens(ours, jnp.asarray(images), np.array([2 * f, 2 * f], np.int32), 1)
+    want = _ref_reference_tokens(ref, images)
+    assert_close(tokens, want, rel=REL, name="encode_reference_tokens at the smallest size")
+    want_images = _ref_decode_tokens(ref, want, 1, 1)
+    got_images = _run(ours, "decode_packed", jnp.asarray(want).reshape(1, 1, 1, -1))
+    assert_close(got_images, want_images, rel=REL, name="decode_packed at the smallest size")
 
 
 def test_shape_errors(pair):
@@ -189,14 +197,46 @@ def test_shape_errors(pair):
         ours.encode(jnp.zeros((1, 3, 4 * f, 4 * f)))  # NCHW by mistake
     with pytest.raises(ValueError, match=f"multiples of {f}; got {4 * f + 1}x{4 * f}"):
         ours.encode(jnp.zeros((1, 4 * f + 1, 4 * f, 3)))
+    valid = np.array([2 * f, 2 * f], np.int32)
     with pytest.raises(ValueError, match=f"multiples of {2 * f}; got {3 * f}x{4 * f}"):
-        ours.encode_packed(jnp.zeros((1, 3 * f, 4 * f, 3)))
+        ours.encode_reference_tokens(jnp.zeros((1, 3 * f, 4 * f, 3)), valid, 1)
+    with pytest.raises(ValueError, match=r"one \(height, width\) pair; got shape \(1, 2\)"):
+        ours.encode_reference_tokens(jnp.zeros((1, 4 * f, 4 * f, 3)), valid[None], 1)
+    with pytest.raises(ValueError, match="slot_tokens must be at least 1; got 0"):
+        ours.encode_reference_tokens(jnp.zeros((1, 4 * f, 4 * f, 3)), valid, 0)
     with pytest.raises(ValueError, match=f"must have {config.latent_channels} channels"):
         ours.decode(jnp.zeros((1, 2, 2, config.latent_channels + 1)))
     with pytest.raises(ValueError, match=f"must have {config.packed_channels} channels"):
         ours.decode_packed(jnp.zeros((1, 2, 2, config.latent_channels)))
     with pytest.raises(ValueError, match="rank 5"):
         ours.decode_packed(jnp.zeros((1, 1, 2, 2, config.packed_channels)))
+
+
+def _batch_norm(mean, var, eps: float) -> LatentBatchNorm:
+    bn = LatentBatchNorm(len(mean), eps=eps)
+    bn.running_mean[...] = jnp.asarray(mean, jnp.float32)
+    bn.running_var[...] = jnp.asarray(var, jnp.float32)
+    return bn
+
+
+def test_latent_batch_norm_hand_computed():
+    bn = _batch_norm([1.0, 0.0], [3.0, 8.0], eps=1.0)  # std = sqrt(var + eps) = (2, 3)
+    z = np.array([[5.0, -1.0]], np.float32)  # (1, C=2)
+    out = np.asarray(bn.normalize(z))
+    np.testing.assert_allclose(out, [[2.0, -1.0 / 3.0]], rtol=1e-7)
+    np.testing.assert_allclose(np.asarray(bn.denormalize(out)), z, rtol=1e-7)
+
+
+def test_latent_batch_norm_matches_pipeline_formula():
+    rng = np.random.default_rng(2)
+    z = rng.standard_normal((1, 2, 3, 8)).astype(np.float32)
+    mean = rng.standard_normal(8).astype(np.float32)
+    var = rng.uniform(0.1, 2.0, 8).astype(np.float32)
+    bn = _batch_norm(mean, var, eps=1e-4)
+    zt, mt, vt = _nchw(z), torch.from_numpy(mean).view(1, -1, 1, 1), torch.from_numpy(var).view(1, -1, 1, 1)
+    std = torch.sqrt(vt + 1e-4)  # Flux2KleinPipeline: _encode_vae_image and the end of __call__
+    np.testing.assert_allclose(np.asarray(bn.normalize(z)), _nhwc((zt - mt) / std), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(bn.denormalize(z)), _nhwc(zt * std + mt), rtol=1e-6)
 
 
 def test_weights_of_another_config_are_rejected(pair):

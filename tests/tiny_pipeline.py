@@ -8,7 +8,8 @@ FlowMatchEulerDiscreteScheduler) with `save_pretrained`, i.e. the folder layout 
 
 Every parameter is random, including norm scales/biases (which the reference classes initialise to
 constants, so that a swapped or missing norm weight would otherwise go unnoticed) and the VAE's
-BatchNorm running statistics.
+BatchNorm running statistics. A few weight families are scaled up so that the output depends on each reference's
+content, layout and order (see REFERENCE_GAINS).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import inspect
 import json
 import os
 import pathlib
+import re
 from collections.abc import Mapping
 
 import numpy as np
@@ -42,6 +44,18 @@ KLEIN_SCHEDULER_CONFIG = {
 # Flux2KleinPipeline.__call__(text_encoder_out_layers=...) takes. Absent in the published repos: (9, 18, 27).
 OUT_LAYERS_KEY = "_text_encoder_out_layers"
 
+# With the reference classes' default init a reference image moved diffusers' output by ~1e-4, under the parity
+# tolerance: the time embedding is ~0.1, so every adaLN gate is ~0 and each block is nearly the identity; attention
+# logits are ~1, so a token averages ~900 keys (512 of them text) and a reference's layout averages out; the
+# encoder's latents (std ~0.2) are small next to the BatchNorm shift, so every reference token is about the same
+# vector. These gains (parameter name regex -> factor) give O(1) gates, O(10) attention logits and O(1) latents
+# instead: a reference then moves the output by 1e-2 to 6e-2 (tests/test_pipeline_parity.py asserts >= 1e-2).
+REFERENCE_GAINS = {
+    r"_modulation": 5.0,  # double_stream_modulation_img/txt, single_stream_modulation: shift, scale, gate
+    r"\.norm_(added_)?[qk]\.": 3.0,  # the QK RMSNorm scales: attention logits scale with their product
+    r"^quant_conv\.": 5.0,  # the VAE encoder's last conv
+}
+
 
 def _randomise_(module: torch.nn.Module, generator: torch.Generator) -> None:
     """Re-draws every parameter the reference initialised to a constant (norm scales, biases, zero inits)."""
@@ -53,6 +67,15 @@ def _randomise_(module: torch.nn.Module, generator: torch.Generator) -> None:
                 p.copy_(p + 0.1 * noise)
 
 
+def _amplify_(module: torch.nn.Module) -> None:
+    """Multiplies the parameters named in REFERENCE_GAINS by their gain."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            for pattern, gain in REFERENCE_GAINS.items():
+                if re.search(pattern, name):
+                    p.mul_(gain)
+
+
 def tiny_transformer(config: TransformerConfig = TINY_TRANSFORMER, *, seed: int = 0):
     """A diffusers Flux2Transformer2DModel with random weights (float32, eval mode)."""
     from diffusers import Flux2Transformer2DModel
@@ -60,6 +83,7 @@ def tiny_transformer(config: TransformerConfig = TINY_TRANSFORMER, *, seed: int 
     torch.manual_seed(seed)
     model = Flux2Transformer2DModel(**config.to_dict()).eval()
     _randomise_(model, torch.Generator().manual_seed(seed + 1))
+    _amplify_(model)
     return model
 
 
@@ -73,6 +97,7 @@ def tiny_vae(config: VAEConfig = TINY_VAE, *, seed: int = 0):
     model = AutoencoderKLFlux2(**kwargs).eval()
     generator = torch.Generator().manual_seed(seed + 1)
     _randomise_(model, generator)
+    _amplify_(model)
     with torch.no_grad():
         channels = model.bn.running_mean.shape
         model.bn.running_mean.copy_(0.5 * torch.randn(channels, generator=generator))

@@ -16,11 +16,12 @@ import numpy as np
 
 from klein_jax.loading import checkpoint
 from klein_jax.loading.modules import COMPONENTS, abstract_module, dtype_name, expected_params, parse_dtype
-from klein_jax.loading.source import PARAMS_DIR, Source, open_source
+from klein_jax.loading.source import PARAMS_DIR, ConversionError, Source, open_source
 from klein_jax.loading.weights import check_component, load_component
 from klein_jax.models.text_encoder import Qwen3TextEncoder
 from klein_jax.models.transformer import Flux2Transformer
 from klein_jax.models.vae import Flux2VAE
+from klein_jax.scheduler import check_scheduler_config
 from klein_jax.tokenizer import PromptTokenizer
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,11 @@ def load_components(source: str | os.PathLike, dtype: Any = "bfloat16", *,
     dtype = parse_dtype(dtype)
     src = open_source(source, transformer_file=transformer_file, revision=revision)
     configs = {name: src.config(name) for name in COMPONENTS}
+    scheduler_config = src.scheduler_config
+    try:
+        check_scheduler_config(scheduler_config)
+    except ValueError as e:
+        raise ConversionError(f"{src.folder / 'scheduler' / 'scheduler_config.json'}: {e}") from None
     tokenizer = src.tokenizer()
     modules = {}
     for name in COMPONENTS:
@@ -66,5 +72,5 @@ def load_components(source: str | os.PathLike, dtype: Any = "bfloat16", *,
                  time.perf_counter() - start)
     return Components(
         transformer=modules["transformer"], vae=modules["vae"], text_encoder=modules["text_encoder"],
-        tokenizer=tokenizer, scheduler_config=src.scheduler_config, is_distilled=src.is_distilled, dtype=dtype,
+        tokenizer=tokenizer, scheduler_config=scheduler_config, is_distilled=src.is_distilled, dtype=dtype,
     )

@@ -7,17 +7,24 @@ import jax.numpy as jnp
 from flax import nnx
 
 
+def rms_normalize(x: jax.Array, eps: float) -> jax.Array:
+    """x / sqrt(mean(x^2) + eps) over the last axis, in fp32 (a bf16 mean of squares drifts from torch)."""
+    x32 = x.astype(jnp.float32)
+    return x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+
+
 class RMSNorm(nnx.Module):
-    """RMSNorm over the last axis, computed in fp32 and cast back (torch.nn.RMSNorm / Qwen3RMSNorm)."""
+    """torch.nn.RMSNorm: normalised and scaled in fp32, rounded once to the input dtype.
+
+    (The text encoder's Qwen3RMSNorm rounds before the scale: text_encoder.Qwen3RMSNorm.)
+    """
 
     def __init__(self, dim: int, *, eps: float = 1e-6, param_dtype=jnp.float32):
         self.eps = eps
         self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
 
     def __call__(self, x: jax.Array) -> jax.Array:  # (..., D)
-        x32 = x.astype(jnp.float32)  # fp32: a bf16 mean of squares drifts from torch
-        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+        return (rms_normalize(x, self.eps) * self.scale[...].astype(jnp.float32)).astype(x.dtype)
 
 
 def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:

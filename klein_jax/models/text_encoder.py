@@ -13,7 +13,7 @@ import numpy as np
 from flax import nnx
 
 from klein_jax.configs import TextEncoderConfig
-from klein_jax.models.layers import RMSNorm, dot_product_attention
+from klein_jax.models.layers import RMSNorm, dot_product_attention, rms_normalize
 
 
 def rope_cos_sin(num_tokens: int, head_dim: int, theta: float, dtype) -> tuple[jax.Array, jax.Array]:
@@ -44,6 +44,16 @@ def attention_mask_4d(attention_mask: jax.Array) -> jax.Array:
     return (causal[None, :, :] & (attention_mask[:, None, :] != 0))[:, None]  # (B, 1, T, T)
 
 
+class Qwen3RMSNorm(RMSNorm):
+    """Qwen3RMSNorm: normalised in fp32 and cast to the input dtype *before* the weight multiplies it.
+
+    In bf16 that is two roundings where torch.nn.RMSNorm (layers.RMSNorm, the flow transformer's) has one.
+    """
+
+    def __call__(self, x: jax.Array) -> jax.Array:  # (..., D)
+        return self.scale[...] * rms_normalize(x, self.eps).astype(x.dtype)  # weight * hidden.to(input_dtype)
+
+
 class Qwen3Attention(nnx.Module):
     """GQA self-attention with per-head q/k RMSNorm before RoPE (Qwen3Attention)."""
 
@@ -55,8 +65,8 @@ class Qwen3Attention(nnx.Module):
         self.k_proj = nnx.Linear(D, K * Dh, **linear)
         self.v_proj = nnx.Linear(D, K * Dh, **linear)
         self.o_proj = nnx.Linear(H * Dh, D, **linear)
-        self.q_norm = RMSNorm(Dh, eps=config.rms_norm_eps, param_dtype=param_dtype)
-        self.k_norm = RMSNorm(Dh, eps=config.rms_norm_eps, param_dtype=param_dtype)
+        self.q_norm = Qwen3RMSNorm(Dh, eps=config.rms_norm_eps, param_dtype=param_dtype)
+        self.k_norm = Qwen3RMSNorm(Dh, eps=config.rms_norm_eps, param_dtype=param_dtype)
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
         B, T, _ = x.shape
@@ -93,8 +103,9 @@ class Qwen3DecoderLayer(nnx.Module):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.self_attn = Qwen3Attention(config, **kw)
         self.mlp = Qwen3MLP(config, **kw)
-        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, param_dtype=param_dtype)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, param_dtype=param_dtype)
+        norm = dict(eps=config.rms_norm_eps, param_dtype=param_dtype)
+        self.input_layernorm = Qwen3RMSNorm(config.hidden_size, **norm)
+        self.post_attention_layernorm = Qwen3RMSNorm(config.hidden_size, **norm)
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
@@ -116,7 +127,7 @@ class Qwen3TextEncoder(nnx.Module):
         self.layers = nnx.List([Qwen3DecoderLayer(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
                                 for _ in range(config.num_layers_run)])
         # transformers returns the last hidden state after model.norm; every other one is pre-norm.
-        self.norm = (RMSNorm(config.hidden_size, eps=config.rms_norm_eps, param_dtype=param_dtype)
+        self.norm = (Qwen3RMSNorm(config.hidden_size, eps=config.rms_norm_eps, param_dtype=param_dtype)
                      if config.num_layers_run == config.num_hidden_layers else None)
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:

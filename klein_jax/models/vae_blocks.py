@@ -5,6 +5,14 @@ the mid-block Attention with AttnProcessor2_0 (attention_processor.py), UNetMidB
 UpDecoderBlock2D (unets/unet_2d_blocks.py) and Encoder / Decoder (autoencoders/vae.py), as configured by
 AutoencoderKLFlux2: GroupNorm eps 1e-6 everywhere, SiLU, dropout 0, output_scale_factor 1, no time embedding.
 Attribute names mirror diffusers so that klein_jax/loading/keymaps/vae.py is a rename table.
+
+Masks: the encoder's blocks take an optional validity mask (B or 1, H, W, 1) bool, True on the valid region, for
+an image zero-padded to a larger (bucket) shape. GroupNorm statistics then span the valid positions only, every
+convolution with a spatial extent sees its input zeroed outside them (as torch's zero padding, and the stride-2
+downsampler's extra bottom/right zero row, at the valid border), and the mid-block attention excludes padded
+positions as keys. Valid outputs then equal the unpadded computation on the valid crop, whatever the padding holds,
+when the valid region is a top-left rectangle whose sides are multiples of the encoder's downsampling factor.
+With mask=None every block computes exactly the unmasked diffusers forward pass.
 """
 
 from __future__ import annotations
@@ -29,15 +37,26 @@ class GroupNorm(nnx.Module):
         self.scale = nnx.Param(jnp.ones((num_channels,), param_dtype))
         self.bias = nnx.Param(jnp.zeros((num_channels,), param_dtype))
 
-    def __call__(self, x: jax.Array) -> jax.Array:  # (B, ..., C)
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:  # (B, ..., C)
         B, C = x.shape[0], x.shape[-1]
         G = self.num_groups
         x32 = x.astype(jnp.float32).reshape(B, -1, G, C // G)  # (B, ..., C) -> (B, N, G, C/G)
-        mean = jnp.mean(x32, axis=(1, 3), keepdims=True)
-        var = jnp.mean(jnp.square(x32 - mean), axis=(1, 3), keepdims=True)  # two-pass, biased, as torch
+        if mask is None:
+            mean = jnp.mean(x32, axis=(1, 3), keepdims=True)
+            var = jnp.mean(jnp.square(x32 - mean), axis=(1, 3), keepdims=True)  # two-pass, biased, as torch
+        else:
+            valid = mask.reshape(mask.shape[0], -1, 1, 1)  # (B|1, ..., 1) -> (B|1, N, 1, 1)
+            count = jnp.sum(valid, axis=1, keepdims=True) * (C // G)
+            mean = jnp.sum(jnp.where(valid, x32, 0), axis=(1, 3), keepdims=True) / count
+            var = jnp.sum(jnp.where(valid, jnp.square(x32 - mean), 0), axis=(1, 3), keepdims=True) / count
         y = ((x32 - mean) * jax.lax.rsqrt(var + self.eps)).reshape(x.shape)  # (B, N, G, C/G) -> (B, ..., C)
         y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
         return y.astype(self.dtype)
+
+
+def zero_outside(x: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """x with zeros where mask is False (the input a convolution sees; see the module docstring); x if no mask."""
+    return x if mask is None else jnp.where(mask, x, jnp.zeros((), x.dtype))
 
 
 def conv2d_nhwc(cin: int, cout: int, kernel: int, *, dtype, param_dtype, rngs, strides: int = 1,
@@ -60,10 +79,10 @@ class ResnetBlock2D(nnx.Module):
         self.conv2 = conv2d_nhwc(cout, cout, 3, rngs=rngs, **kw)
         self.conv_shortcut = conv2d_nhwc(cin, cout, 1, rngs=rngs, **kw) if cin != cout else None
 
-    def __call__(self, x: jax.Array) -> jax.Array:  # (B, H, W, Cin) -> (B, H, W, Cout)
-        h = self.conv1(nnx.silu(self.norm1(x)))
-        h = self.conv2(nnx.silu(self.norm2(h)))
-        shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:  # (B, H, W, Cin) -> (B, H, W, Cout)
+        h = self.conv1(zero_outside(nnx.silu(self.norm1(x, mask)), mask))
+        h = self.conv2(zero_outside(nnx.silu(self.norm2(h, mask)), mask))
+        shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)  # 1x1: position-wise
         return shortcut + h
 
 
@@ -75,8 +94,8 @@ class Downsample2D(nnx.Module):
         self.conv = conv2d_nhwc(channels, channels, 3, strides=2, padding=((0, 1), (0, 1)), dtype=dtype,
                           param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:  # (B, H, W, C) -> (B, H/2, W/2, C)
-        return self.conv(x)
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:  # (B, H, W, C) -> (B, H/2, W/2, C)
+        return self.conv(zero_outside(x, mask))
 
 
 class Upsample2D(nnx.Module):
@@ -103,13 +122,17 @@ class Attention(nnx.Module):
         self.to_out = nnx.Linear(channels, channels, rngs=rngs, **kw)  # diffusers to_out.0 (to_out.1 is dropout)
         self.implementation = attention_implementation(dtype)
 
-    def __call__(self, x: jax.Array) -> jax.Array:  # (B, H, W, C)
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:  # (B, H, W, C)
         B, H, W, C = x.shape
-        h = self.group_norm(x)
+        h = self.group_norm(x, mask)
         q = self.to_q(h).reshape(B, H * W, 1, C)  # (B, H, W, C) -> (B, L, 1 head, C)
         k = self.to_k(h).reshape(B, H * W, 1, C)
         v = self.to_v(h).reshape(B, H * W, 1, C)
-        o = dot_product_attention(q, k, v, implementation=self.implementation)  # (B, L, 1, C), scale 1/sqrt(C)
+        if mask is None:
+            o = dot_product_attention(q, k, v, implementation=self.implementation)  # (B, L, 1, C), scale 1/sqrt(C)
+        else:
+            key_mask = mask.reshape(mask.shape[0], 1, 1, H * W)  # (B|1, heads, queries, keys): valid keys only
+            o = dot_product_attention(q, k, v, mask=key_mask)  # XLA path: cuDNN takes no arbitrary mask
         o = self.to_out(o.reshape(B, H, W, C))  # (B, L, 1, C) -> (B, H, W, C)
         return o + x
 
@@ -122,11 +145,11 @@ class UNetMidBlock2D(nnx.Module):
         self.resnets = nnx.List([ResnetBlock2D(channels, channels, groups, **kw) for _ in range(2)])
         self.attentions = nnx.List([Attention(channels, groups, **kw)]) if add_attention else None
 
-    def __call__(self, x: jax.Array) -> jax.Array:  # (B, H, W, C)
-        x = self.resnets[0](x)
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:  # (B, H, W, C)
+        x = self.resnets[0](x, mask)
         if self.attentions is not None:
-            x = self.attentions[0](x)
-        return self.resnets[1](x)
+            x = self.attentions[0](x, mask)
+        return self.resnets[1](x, mask)
 
 
 class DownEncoderBlock2D(nnx.Module):
@@ -138,11 +161,11 @@ class DownEncoderBlock2D(nnx.Module):
         self.resnets = nnx.List([ResnetBlock2D(cin if i == 0 else cout, cout, groups, **kw) for i in range(num_layers)])
         self.downsamplers = nnx.List([Downsample2D(cout, **kw)]) if add_downsample else None
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
         for resnet in self.resnets:
-            x = resnet(x)
+            x = resnet(x, mask)
         if self.downsamplers is not None:
-            x = self.downsamplers[0](x)
+            x = self.downsamplers[0](x, mask)
         return x
 
 
@@ -186,12 +209,14 @@ class Encoder(nnx.Module):
         self.conv_norm_out = GroupNorm(groups, channels[-1], dtype=dtype, param_dtype=param_dtype)
         self.conv_out = conv2d_nhwc(channels[-1], 2 * config.latent_channels, 3, **kw)  # double_z: mean | logvar
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = self.conv_in(x)
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:  # mask: (B|1, H, W, 1) bool
+        x = self.conv_in(zero_outside(x, mask))
         for block in self.down_blocks:
-            x = block(x)
-        x = self.mid_block(x)
-        return self.conv_out(nnx.silu(self.conv_norm_out(x)))
+            x = block(x, mask)
+            if block.downsamplers is not None and mask is not None:
+                mask = mask[:, ::2, ::2]  # valid rows r < h/2 of the stride-2 output, for an even valid h
+        x = self.mid_block(x, mask)
+        return self.conv_out(zero_outside(nnx.silu(self.conv_norm_out(x, mask)), mask))
 
 
 class Decoder(nnx.Module):
