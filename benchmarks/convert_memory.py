@@ -159,6 +159,8 @@ def run(workdir: pathlib.Path, *, keep: bool) -> dict:
     try:
         start = time.perf_counter()
         source_bytes = make_source(src)
+        largest = max(int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+                      for tensors in _reference_shapes().values() for shape, dtype in tensors.values())
         print(f"generated {source_bytes / 1e9:.2f} GB in {time.perf_counter() - start:.0f} s", file=sys.stderr)
         command = [sys.executable, "-m", "convert", str(src), str(out), "--no-progress"]
         start = time.perf_counter()
@@ -173,7 +175,7 @@ def run(workdir: pathlib.Path, *, keep: bool) -> dict:
             raise RuntimeError(f"load_components failed:\n{loaded.stderr[-4000:]}")
         load_s, load_rss_kb = loaded.stdout.split()[-2:]
         return {
-            "source_gb": source_bytes / 1e9, "out_gb": _folder_bytes(out) / 1e9,
+            "source_gb": source_bytes / 1e9, "out_gb": _folder_bytes(out) / 1e9, "largest_tensor_gib": largest / 2**30,
             "manifest": json.loads((out / "klein_manifest.json").read_text()),
             "convert_s": convert_s, "convert_peak_rss_gib": convert_rss_kb / 2**20,
             "load_s": float(load_s), "load_peak_rss_gib": int(load_rss_kb) / 2**20,
@@ -210,9 +212,10 @@ Written: {r['out_gb']:.2f} GB (text-encoder layers 27-35 and `model.norm` are no
 |---|---|---|---|
 {rows}
 
-The peak is about the largest component (the 7.75 GB transformer) plus the Python/JAX runtime: tensors are read
-from memory maps one at a time and cast on the way, each component is written and freed before the next,
-and orbax writes the arrays without its default defensive copy. The load peak is the loaded bf16 model itself
+The largest tensor is {r['largest_tensor_gib']:.2f} GiB (the Qwen3 token embedding). The conversion streams: the key
+map pairs each parameter with a memory-mapped view of its source tensor, and the Orbax writer reads, casts and
+writes one tensor at a time (`klein_jax/loading/checkpoint.py`, `PendingArray`), so the peak is the Python/JAX
+runtime plus about one tensor, not a whole component. The load peak is the loaded bf16 model itself
 (14.15 GB = 13.2 GiB of jax arrays) plus the runtime: no second copy either. Wall times are disk-bound; the
 machine was shared with other jobs while this ran, so they are upper bounds.
 {END}"""

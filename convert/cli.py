@@ -3,7 +3,7 @@ of Orbax checkpoints that KleinPipeline.from_pretrained / load_components load w
 
 Output layout (OUT):
   klein_manifest.json              format version, source, dtype, per-component tensor/param/byte counts
-  model_index.json                 the source's, plus the text encoder's out_layers
+  model_index.json                 the source's (its _class_name says the variant), plus the text encoder's out_layers
   scheduler/scheduler_config.json  copied
   tokenizer/*                      copied
   {transformer,vae,text_encoder}/config.json   klein_jax config dataclass as json
@@ -64,24 +64,29 @@ def _copy_folder(src: pathlib.Path, dst: pathlib.Path) -> None:
 
 
 def _convert_into(tmp: pathlib.Path, source, configs: dict[str, Any], dtype: Any, *,
-                  counts: dict[str, int], progress: bool) -> list[ComponentReport]:
+                  progress: bool) -> list[ComponentReport]:
+    """Writes each component's config and parameters under `tmp`. The key map only pairs each parameter with a
+    memory-mapped view of its source tensor (PendingArray); save_params reads, casts and writes one tensor at a time,
+    so the memory peak is about the largest tensor, not the largest component."""
     from tqdm import tqdm
 
-    from klein_jax.loading import checkpoint
-    from klein_jax.loading import CONFIG_FILE, PARAMS_DIR, convert_component
+    from klein_jax.loading import CONFIG_FILE, PARAMS_DIR, abstract_module, checkpoint, expected_params
+    from klein_jax.loading.keymap import map_weights
+    from klein_jax.loading.modules import KINDS
 
     reports = []
     for name, config in configs.items():
         start = time.perf_counter()
-        with tqdm(total=counts[name], desc=f"{name:<12}", unit="tensor", file=sys.stderr, disable=not progress,
+        expected = expected_params(abstract_module(name, config, dtype))
+        with tqdm(total=len(expected), desc=f"{name:<12}", unit="tensor", file=sys.stderr, disable=not progress,
                   dynamic_ncols=True) as bar:
-            params = convert_component(source, name, config, dtype, on_tensor=lambda _key: bar.update())
-            bar.set_postfix_str("saving")
+            params = map_weights(source.tensors(name), KINDS[name].rules(config), expected,
+                                 place=lambda _path, array, dt: checkpoint.PendingArray(array, dt, on_read=bar.update))
             _write_json(tmp / name / CONFIG_FILE, config.to_dict())
             checkpoint.save_params(tmp / name / PARAMS_DIR, params)
         reports.append(ComponentReport(
-            name=name, tensors=len(params), params=sum(int(a.size) for a in params.values()),
-            nbytes=sum(int(a.nbytes) for a in params.values()), disk_bytes=_disk_bytes(tmp / name),
+            name=name, tensors=len(params), params=sum(a.size for a in params.values()),
+            nbytes=sum(a.nbytes for a in params.values()), disk_bytes=_disk_bytes(tmp / name),
             seconds=time.perf_counter() - start))
         del params
     return reports
@@ -114,7 +119,8 @@ def convert(source: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "
         raise ConversionError(f"{src.folder} is already a klein-convert folder; nothing to convert")
     # Read every config and dry-run every key map (shapes only) before the first byte is converted.
     configs = {name: src.config(name) for name in COMPONENTS}
-    counts = {name: check_component(src, name, configs[name], dtype) for name in COMPONENTS}
+    for name in COMPONENTS:
+        check_component(src, name, configs[name], dtype)
     scheduler_config, tokenizer_folder = src.scheduler_config, src.tokenizer_folder
     try:
         check_scheduler_config(scheduler_config)
@@ -130,13 +136,14 @@ def convert(source: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "
         _write_json(tmp / "model_index.json", {**src.model_index, OUT_LAYERS_KEY: list(src.out_layers)})
         _write_json(tmp / "scheduler" / "scheduler_config.json", scheduler_config)
         _copy_folder(tokenizer_folder, tmp / "tokenizer")
-        reports = _convert_into(tmp, src, configs, dtype, counts=counts, progress=progress)
+        reports = _convert_into(tmp, src, configs, dtype, progress=progress)
         _write_json(tmp / MANIFEST, {
             "format": "klein-jax",
             "format_version": FORMAT_VERSION,
             "source": src.name,
             "transformer_file": os.fspath(transformer_file) if transformer_file is not None else None,
             "dtype": dtype,
+            "variant": src.variant.value,
             "is_distilled": src.is_distilled,
             "components": {r.name: {"tensors": r.tensors, "params": r.params, "bytes": r.nbytes} for r in reports},
         })

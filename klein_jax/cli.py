@@ -47,14 +47,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None,
                    help=f"denoising steps in {MIN_STEPS}..{MAX_STEPS} (default: 4 distilled, 50 base)")
     p.add_argument("--guidance-scale", type=float, default=None, help="CFG scale of base models (default 4.0)")
+    p.add_argument("--lora", metavar="PATH[:SCALE]", default=None,
+                   help="a LoRA adapter (.safetensors file, folder or hub id; docs/lora.md) at SCALE (default 1.0)")
     p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("klein.png"), help="output PNG file")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="compute dtype")
     p.add_argument("--compilation-cache", default=None, metavar="DIR",
                    help=f"persistent XLA compilation cache folder; 'none' to disable "
                         f"(default: ${CACHE_ENV} or {DEFAULT_CACHE})")
+    p.add_argument("--mesh", type=_mesh, default=None, metavar="data=D,model=M",
+                   help="shard over D*M devices: D splits the batch, M the weights (docs/sharding.md); "
+                        "default one device")
+    p.add_argument("--distributed", action="store_true",
+                   help="one process of a multi-host job (jax.distributed; docs/deployment.md): run the same "
+                        "command on every host; process 0 writes --out")
     p.add_argument("--no-progress", action="store_true",
                    help="no step progress bar: run the fused denoise+decode program (reports them together)")
     return p
+
+
+def _mesh(value: str) -> str:
+    from klein_jax.sharding import parse_mesh
+
+    try:
+        parse_mesh(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return value
 
 
 def _size(args, parser) -> tuple[int, int]:
@@ -114,10 +132,13 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("absl", "jax"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     cache = _cache_dir(args.compilation_cache)
+    from klein_jax import distributed
     from klein_jax.loading import SOURCE_ERRORS
     from klein_jax.pipeline import KleinPipeline
 
     try:
+        if args.distributed:
+            distributed.initialize(os.environ)
         if cache is not None:
             from klein_jax.compilation_cache import enable_compilation_cache
 
@@ -126,16 +147,26 @@ def main(argv: list[str] | None = None) -> int:
         if args.demo:
             from klein_jax.demo import build_demo_pipeline
 
-            pipe = build_demo_pipeline()
+            pipe = build_demo_pipeline(mesh=args.mesh)
         else:
-            pipe = KleinPipeline.from_pretrained(args.model, args.dtype)
+            pipe = KleinPipeline.from_pretrained(args.model, args.dtype, mesh=args.mesh)
+        if args.lora:
+            from klein_jax.lora.files import parse_lora_spec
+
+            _, path, scale = parse_lora_spec(args.lora)
+            pipe.load_lora_weights(path, adapter_name="lora")
+            pipe.set_adapters(["lora"], [1.0 if scale is None else scale])
         load_s = time.perf_counter() - start
         references = _open_images(args.image)
         options = dict(width=width, height=height, num_inference_steps=args.steps, guidance_scale=args.guidance_scale)
         request = pipe.prepare(args.prompt, references, seed=args.seed, **options)  # validates before any compile
-        print(f"seed: {request.seed}", flush=True)
-        images = pipe(args.prompt, references or None, seed=request.seed, output_type="np",
+        seed = distributed.broadcast(request.seed)  # every process of a job draws process 0's noise
+        if distributed.is_leader():
+            print(f"seed: {seed}", flush=True)
+        images = pipe(args.prompt, references or None, seed=seed, output_type="np",
                       on_step=None if args.no_progress else _progress(), **options)
+        if not distributed.is_leader():
+            return 0
         timings = dict(pipe.last_timings)
         start = time.perf_counter()
         from klein_jax.images import numpy_to_pil

@@ -7,9 +7,22 @@ transformers for Qwen3) so that `from_json` is a plain mapping. Presets cite sha
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
 import os
 from typing import Any, Mapping
+
+
+class Variant(str, enum.Enum):
+    """What a checkpoint is trained for, from its model_index.json (shared/spec/interfaces.md, "Model variants")."""
+
+    DISTILLED = "distilled"  # Flux2KleinPipeline, is_distilled: 4 steps, no guidance
+    BASE = "base"  # Flux2KleinPipeline without is_distilled: 50 steps, guidance 4.0
+    KV = "kv"  # Flux2KleinKVPipeline (klein-9B KV): distilled, reference keys/values computed once per image
+
+    @property
+    def is_distilled(self) -> bool:
+        return self is not Variant.BASE
 
 
 def _known_fields(cls, data: Mapping[str, Any], *, ignore: frozenset[str] = frozenset()) -> dict[str, Any]:
@@ -95,6 +108,18 @@ KLEIN_4B = TransformerConfig(
 # klein-9B: diffusers scripts/convert_flux2_to_diffusers.py "klein-9b" (klein.md §1.2).
 KLEIN_9B = TransformerConfig(
     num_layers=8, num_single_layers=24, num_attention_heads=32, attention_head_dim=128, joint_attention_dim=12288
+)
+# klein-9B's proportions at test size: more double-stream blocks per single-stream block than 4B (8:24 vs 5:20),
+# more heads, and a text encoder (TINY_9B_TEXT_ENCODER) with 4 query heads per key/value head as Qwen3-8B.
+TINY_9B_TRANSFORMER = dataclasses.replace(
+    KLEIN_9B,
+    num_layers=2,
+    num_single_layers=3,
+    num_attention_heads=4,
+    attention_head_dim=16,
+    joint_attention_dim=144,  # = 3 x TINY_9B_TEXT_ENCODER.hidden_size
+    timestep_guidance_channels=32,
+    axes_dims_rope=(4, 4, 4, 4),
 )
 TINY_TRANSFORMER = dataclasses.replace(
     KLEIN_4B,
@@ -238,9 +263,14 @@ class TextEncoderConfig:
 
 # Qwen/Qwen3-4B config.json, the text encoder of klein-4B (klein.md §1.3).
 QWEN3_4B = TextEncoderConfig(hidden_size=2560, intermediate_size=9728)
-# Qwen/Qwen3-8B config.json, the text encoder of klein-9B.
+# Qwen/Qwen3-8B config.json, the text encoder of klein-9B (klein.md §1.3): 32 query heads of width 128 = hidden_size.
 QWEN3_8B = TextEncoderConfig(hidden_size=4096, intermediate_size=12288)
 TINY_TEXT_ENCODER = dataclasses.replace(
     QWEN3_4B, vocab_size=1024, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
     num_key_value_heads=2, head_dim=8, out_layers=(1, 2, 3),
+)
+# Qwen3-8B's proportions at test size: 4 query heads per key/value head, query width = hidden_size.
+TINY_9B_TEXT_ENCODER = dataclasses.replace(
+    QWEN3_8B, vocab_size=1024, hidden_size=48, intermediate_size=144, num_hidden_layers=4, num_attention_heads=4,
+    num_key_value_heads=1, head_dim=12, out_layers=(1, 2, 3),
 )

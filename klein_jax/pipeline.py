@@ -29,8 +29,11 @@ import PIL.Image
 
 from klein_jax import images as image_ops
 from klein_jax import latents as latent_ops
+from klein_jax import sharding
 from klein_jax.buckets import ReferenceBuckets
+from klein_jax.configs import Variant
 from klein_jax.loading import load_components
+from klein_jax.lora import Combination, LoraAdapters, linear_targets
 from klein_jax.request import (ASPECT_RATIOS, MAX_REFERENCES, Workflow, check_guidance_scale, check_prompt,
                                check_seed, check_size, check_steps, resolve_aspect_ratio)
 from klein_jax.sampler import GeneratePlan, ReferencePlan, Sampler, TextPlan, seed_key_data
@@ -69,12 +72,13 @@ class PreparedRequest:
     guidance_scale: float | None  # None: no classifier-free guidance
     references: tuple[PreparedReference, ...] = ()
     noise: np.ndarray | None = None  # (L, C) packed initial noise from `latents=`, in the pipeline dtype
+    lora: Combination = ()  # (adapter name, weight) pairs (klein_jax/lora); () is no adapter
 
     @property
     def batch_key(self) -> tuple:
         """Everything that fixes the shapes and shared inputs of a batch's programs."""
         refs = tuple((r.size, r.bucket) for r in self.references)
-        return (self.width, self.height, self.num_steps, self.guidance_scale, refs, self.noise is not None)
+        return (self.width, self.height, self.num_steps, self.guidance_scale, refs, self.noise is not None, self.lora)
 
     @property
     def workflow(self) -> Workflow:
@@ -86,17 +90,26 @@ class KleinPipeline:
     """FLUX.2 [klein] generation with ahead-of-time compiled programs (shared/spec/interfaces.md)."""
 
     def __init__(self, transformer, vae, text_encoder, tokenizer, *, is_distilled: bool, dtype=None,
-                 name: str = "flux2-klein", is_demo: bool = False, reference_buckets: ReferenceBuckets | None = None):
+                 name: str = "flux2-klein", is_demo: bool = False, reference_buckets: ReferenceBuckets | None = None,
+                 kv_cache: bool = False, mesh: str | jax.sharding.Mesh | None = None):
+        """kv_cache: klein-9B KV (Flux2KleinKVPipeline): reference keys/values computed once per image (klein_jax/kv.py).
+        mesh: None (one device), "data=D,model=M" or a jax.sharding.Mesh with those axes (klein_jax/sharding.py)."""
+        if kv_cache and not is_distilled:
+            raise ValueError("kv_cache=True is the distilled klein-9B KV model; it cannot be a base model")
         self.tokenizer = tokenizer
         self.is_distilled = bool(is_distilled)
+        self.kv_cache = bool(kv_cache)
         self.is_demo = bool(is_demo)
         self.name = name
         self.dtype = jnp.dtype(transformer.dtype if dtype is None else dtype)  # latents, text features, noise
         self.pixels_per_token = 2 * vae.config.spatial_scale  # 16: VAE /8, then 2x2 patches
         self.buckets = reference_buckets or ReferenceBuckets.default(self.pixels_per_token)
         self.text_length = text_encoder.config.max_sequence_length
+        self.mesh = sharding.make_mesh(mesh)
         self.sampler = Sampler(transformer, vae, text_encoder, dtype=self.dtype, text_length=self.text_length,
-                               slot_tokens=self.buckets.slot_tokens)
+                               slot_tokens=self.buckets.slot_tokens, mesh=self.mesh)
+        self.lora = LoraAdapters(linear_targets(transformer), self.dtype,  # adapters: inputs, not weights
+                                 placement=sharding.replicated(self.sampler.mesh))
         self._batch_sizes: set[int] = set()
         self._schedules: dict[tuple[int, int], Schedule] = {}
         self._negative_embeds: jax.Array | None = None
@@ -105,11 +118,13 @@ class KleinPipeline:
 
     @classmethod
     def from_pretrained(cls, source: str | os.PathLike, dtype: Any = "bfloat16", **kwargs) -> "KleinPipeline":
-        """Loads a klein-convert folder, a diffusers pipeline folder or a hub id (klein_jax/loading)."""
-        components = load_components(source, dtype)
+        """Loads a klein-convert folder, a diffusers pipeline folder or a hub id (klein_jax/loading); with `mesh=`
+        every parameter is placed shard by shard straight from the checkpoint."""
+        mesh = sharding.make_mesh(kwargs.pop("mesh", None))
+        components = load_components(source, dtype, mesh=mesh)
         return cls(components.transformer, components.vae, components.text_encoder, components.tokenizer,
-                   is_distilled=components.is_distilled, dtype=components.dtype,
-                   name=kwargs.pop("name", os.fspath(source)), **kwargs)
+                   is_distilled=components.is_distilled, kv_cache=components.variant is Variant.KV,
+                   dtype=components.dtype, name=kwargs.pop("name", os.fspath(source)), mesh=mesh, **kwargs)
 
     # ------------------------------------------------------------------------------------------- properties
 
@@ -139,11 +154,40 @@ class KleinPipeline:
         return self.sampler.compile_count
 
     @property
+    def variant(self) -> Variant:
+        """distilled, base or kv (shared/spec/interfaces.md, "Model variants")."""
+        if self.kv_cache:
+            return Variant.KV
+        return Variant.DISTILLED if self.is_distilled else Variant.BASE
+
+    @property
     def model_info(self) -> dict[str, Any]:
-        """name, dtype, is_distilled, steps (default), guidance_scale (default), is_demo."""
-        return {"name": self.name, "dtype": self.dtype.name, "is_distilled": self.is_distilled,
+        """name, dtype, variant, is_distilled, steps (default), guidance_scale (default), is_demo, mesh."""
+        return {"name": self.name, "dtype": self.dtype.name, "variant": self.variant.value,
+                "is_distilled": self.is_distilled,
                 "steps": self.default_steps, "guidance_scale": None if self.is_distilled else BASE_GUIDANCE_SCALE,
-                "is_demo": self.is_demo}
+                "is_demo": self.is_demo, "mesh": sharding.mesh_sizes(self.mesh)}
+
+    @property
+    def batch_multiple(self) -> int:
+        """The data axis: every batch is padded to a multiple of it, so a batcher should fill batches so."""
+        return sharding.mesh_sizes(self.mesh)[sharding.DATA]
+
+    # ---------------------------------------------------------------------------------- LoRA (klein_jax/lora)
+
+    def load_lora_weights(self, source: str | os.PathLike, adapter_name: str | None = None, *,
+                          weight_name: str | None = None) -> str:
+        """Loads a LoRA adapter (.safetensors file, folder or hub id; diffusers/PEFT, kohya or BFL names) and makes
+        it the active one at weight 1, as diffusers does; returns its name (default: default_<n>)."""
+        return self.lora.load(source, adapter_name, weight_name=weight_name)
+
+    def set_adapters(self, adapter_names: str | Sequence[str], adapter_weights=None) -> None:
+        """The adapters __call__ and prepare (without lora=) apply, weighted (diffusers' set_adapters); [] for none."""
+        self.lora.set_active(adapter_names, adapter_weights)
+
+    def unload_lora_weights(self) -> None:
+        """Forgets every adapter."""
+        self.lora.unload()
 
     # ------------------------------------------------------------------------------------------- validation
 
@@ -193,19 +237,24 @@ class KleinPipeline:
 
     def prepare(self, prompt: str, images: Sequence[PIL.Image.Image] = (), width: int = 1024, height: int = 1024,
                 seed: int | None = None, *, num_inference_steps: int | None = None,
-                guidance_scale: float | None = None) -> PreparedRequest:
-        """Validates a request on the host and preprocesses its references; raises ValueError on bad input."""
-        return self._prepare(prompt, self._prepare_references(images), width, height, seed, num_inference_steps,
-                             guidance_scale)
+                guidance_scale: float | None = None, lora: str | None = None,
+                lora_scale: float | None = None) -> PreparedRequest:
+        """Validates a request on the host and preprocesses its references; raises ValueError on bad input.
 
-    def _prepare(self, prompt, references, width, height, seed, steps, guidance_scale, noise=None) -> PreparedRequest:
+        lora: one loaded adapter's name, at lora_scale (default 1.0); None: the adapters set_adapters chose.
+        """
+        return self._prepare(prompt, self._prepare_references(images), width, height, seed, num_inference_steps,
+                             guidance_scale, lora=self.lora.choose(lora, lora_scale))
+
+    def _prepare(self, prompt, references, width, height, seed, steps, guidance_scale, noise=None,
+                 lora: Combination = ()) -> PreparedRequest:
         prompt = check_prompt(prompt)
         width, height = self._check_size(width, height)
         seed = secrets.randbelow(2**32) if seed is None else check_seed(seed)
         return PreparedRequest(prompt=prompt, width=width, height=height, seed=seed,
                                num_steps=self._resolve_steps(steps),
                                guidance_scale=self._resolve_guidance(guidance_scale),
-                               references=tuple(references), noise=noise)
+                               references=tuple(references), noise=noise, lora=lora)
 
     def run_batch(self, prepared: Sequence[PreparedRequest]) -> list[PIL.Image.Image]:
         """One image per request (all with the same batch_key), padded to a compiled batch size."""
@@ -215,7 +264,8 @@ class KleinPipeline:
                 batch_sizes: Sequence[int] = (1,), *, sizes: Sequence[tuple[int, int]] = ()) -> int:
         """Compiles ahead of time every program those shapes need (default steps and guidance); returns how many.
 
-        aspect_ratios: "all" or API aspect-ratio names; sizes: more (width, height) pairs in pixels.
+        aspect_ratios: "all" or API aspect-ratio names; sizes: more (width, height) pairs in pixels. With LoRA
+        adapters loaded, each generate program also compiles once for their layout (any one adapter per request).
         """
         names = list(ASPECT_RATIOS) if aspect_ratios == "all" else [aspect_ratios] if isinstance(
             aspect_ratios, str) else list(aspect_ratios)
@@ -226,8 +276,10 @@ class KleinPipeline:
         batch_sizes = sorted(set(batch_sizes))
         if not batch_sizes or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in batch_sizes):
             raise ValueError(f"batch_sizes={batch_sizes!r} must be positive integers")
+        batch_sizes = sorted({sharding.padded_batch(self.mesh, b) for b in batch_sizes})
         before, start = self.compile_count, time.perf_counter()
         guidance = self._resolve_guidance(None) is not None
+        layouts = [None] + ([self.lora.layout()] if self.lora.adapters else [])  # one adapter at a time
         plans = [TextPlan(1)] if guidance else []
         for batch in batch_sizes:
             plans.append(TextPlan(batch))
@@ -236,8 +288,9 @@ class KleinPipeline:
                           for r, c in self._usable_grids()]
             for width, height in sizes:
                 grid = (height // self.pixels_per_token, width // self.pixels_per_token)
-                plans += [GeneratePlan(batch, grid, tokens, self.default_steps, guidance, external_noise=False)
-                          for tokens in self.buckets.token_buckets_for(max_references)]
+                plans += [GeneratePlan(batch, grid, tokens, self.default_steps, guidance, external_noise=False,
+                                       lora=layout, kv_cache=self.kv_cache and tokens > 0)
+                          for tokens in self.buckets.token_buckets_for(max_references) for layout in layouts]
         for plan in plans:
             self.sampler.program(plan)
         self._batch_sizes.update(batch_sizes)
@@ -271,7 +324,7 @@ class KleinPipeline:
         noise = self._noise_from_latents(latents, len(prompts), width, height)
         references = self._prepare_references(images)
         prepared = [self._prepare(p, references, width, height, s, num_inference_steps, guidance_scale,
-                                  None if noise is None else noise[i])
+                                  None if noise is None else noise[i], self.lora.active)
                     for i, (p, s) in enumerate(zip(prompts, seeds))]
         images_np = self._run(prepared, on_step=on_step)
         return images_np if output_type == "np" else image_ops.numpy_to_pil(images_np)
@@ -304,7 +357,7 @@ class KleinPipeline:
 
     def _batch_size(self, count: int) -> int:
         fitting = [b for b in self._batch_sizes if b >= count]
-        return min(fitting) if fitting else count
+        return min(fitting) if fitting else sharding.padded_batch(self.mesh, count)
 
     def _run(self, prepared: Sequence[PreparedRequest], on_step=None) -> np.ndarray:
         prepared = list(prepared)
@@ -323,9 +376,9 @@ class KleinPipeline:
         plan, inputs = self._inputs(rows, timings)
         with self._stage(timings, "denoise_decode_ms"):
             if on_step is None:
-                images = np.asarray(self.sampler.generate(plan, inputs))
+                images = sharding.to_host(self.sampler.generate(plan, inputs))
             else:
-                images = np.asarray(self.sampler.generate_stepwise(plan, inputs, on_step, timings))
+                images = sharding.to_host(self.sampler.generate_stepwise(plan, inputs, on_step, timings))
         timings["batch_size"] = batch
         self.last_timings = timings
         return images[: len(prepared)]
@@ -366,8 +419,12 @@ class KleinPipeline:
         if first.references:
             with self._stage(timings, "reference_encode_ms"):
                 ref_tokens = self._reference_inputs(rows, inputs)
+        layout = None
+        if first.lora:
+            layout, inputs["lora"] = self.lora.inputs(first.lora)
         plan = GeneratePlan(len(rows), grid, ref_tokens, first.num_steps, first.guidance_scale is not None,
-                            external_noise=first.noise is not None)
+                            external_noise=first.noise is not None, lora=layout,
+                            kv_cache=self.kv_cache and ref_tokens > 0)
         return plan, inputs
 
     def _reference_inputs(self, rows: list[PreparedRequest], inputs: dict) -> int:
@@ -397,8 +454,9 @@ class KleinPipeline:
 
     def _zero_slot(self, batch: int) -> jax.Array:
         if batch not in self._zero_slots:
-            self._zero_slots[batch] = jax.device_put(
-                np.zeros((batch, self.sampler.slot_tokens, self.sampler.channels), self.dtype))
+            self._zero_slots[batch] = sharding.put(
+                np.zeros((batch, self.sampler.slot_tokens, self.sampler.channels), self.dtype),
+                sharding.batch_sharding(self.mesh, batch))
         return self._zero_slots[batch]
 
     def _schedule(self, tokens: int, steps: int) -> Schedule:

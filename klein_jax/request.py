@@ -15,12 +15,13 @@ import numpy as np
 from klein_jax.aspect_ratios import ASPECT_RATIOS, DEFAULT_ASPECT_RATIO
 
 __all__ = ["ASPECT_RATIOS", "DEFAULT_ASPECT_RATIO", "MAX_PROMPT_CHARS", "MAX_REFERENCES", "MAX_SEED", "MAX_STEPS",
-           "MIN_STEPS", "Workflow", "check_guidance_scale", "check_prompt", "check_reference_count", "check_seed",
+           "MIN_STEPS", "MAX_LORA_SCALE", "Workflow", "check_guidance_scale", "check_lora_scale", "check_prompt", "check_reference_count", "check_seed",
            "check_size", "check_steps", "parse_seed", "resolve_aspect_ratio"]
 
 MAX_SEED = 2**64 - 1  # seeds are 0..2**64-1: the two uint32 words of a threefry key (sampler.seed_key_data)
 MIN_STEPS, MAX_STEPS = 1, 1000  # the schedule has 1000 training timesteps
 MAX_REFERENCES = 4  # shared/spec/api.md: more than 4 reference images in total is an error
+MAX_LORA_SCALE = 4.0  # shared/spec/api.md: lora_scale is a finite number in [-4, 4]
 MAX_PROMPT_CHARS = 20_000  # far past the 512 tokens the text encoder reads; bounds tokenizing time per request
 _SEED_TEXT = re.compile(rf"[0-9]{{1,{len(str(MAX_SEED))}}}", re.ASCII)  # int() would also take "١٢" or "1_0"
 
@@ -88,6 +89,15 @@ def check_guidance_scale(scale) -> float | None:
     if isinstance(scale, bool) or not isinstance(scale, (int, float, np.integer, np.floating)) or not math.isfinite(
             scale):
         raise ValueError(f"guidance_scale={_shown(scale)} must be a finite number")
+    return float(scale)
+
+
+def check_lora_scale(scale, *, limit: float | None = MAX_LORA_SCALE) -> float:
+    """The LoRA scale (an adapter's weight) as a float if it is finite and, with a limit, in [-limit, limit]."""
+    if isinstance(scale, bool) or not isinstance(scale, (int, float, np.integer, np.floating)) or not math.isfinite(
+            scale) or (limit is not None and abs(scale) > limit):
+        allowed = "a finite number" if limit is None else f"a finite number in [-{limit:g}, {limit:g}]"
+        raise ValueError(f"lora_scale={_shown(scale)} must be {allowed}")
     return float(scale)
 
 

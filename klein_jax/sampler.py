@@ -13,6 +13,8 @@ Programs (plans):
 - GeneratePlan(batch, grid, ref_tokens, steps, guidance, external_noise): noise -> Euler loop (lax.fori_loop over
   the transformer) -> VAE decode -> images in [0, 1]. The stepwise variant (StepPlan + DecodePlan + NoisePlan)
   runs the same math one step per call, for progress callbacks.
+- With `kv_cache` (klein-9B KV, klein_jax/models/kv_cache.py) the references enter only as keys and values, computed
+  once before the loop (the stepwise path: KVCachePlan) and attended by every step.
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from klein_jax.lora.apply import LoraLayout, apply_lora
+from klein_jax import sharding
+from klein_jax.models.kv_cache import ReferenceKV, reference_kv, reference_kv_shapes
 from klein_jax.models.transformer import round_to_dtype
 from klein_jax.request import MAX_REFERENCES  # reference slots of every program
 from klein_jax.scheduler import euler_step
@@ -45,7 +50,7 @@ class TextPlan(NamedTuple):
     batch: int
 
     def lower(self, sampler: Sampler) -> tuple[Callable, tuple]:
-        tokens = _spec((self.batch, sampler.text_length), np.int32)
+        tokens = sampler._batched((self.batch, sampler.text_length), np.int32)
         fn = functools.partial(_encode_text, graphs=sampler._graphs, dtype=sampler.dtype)
         return fn, (sampler._text_state, tokens, tokens)
 
@@ -60,9 +65,9 @@ class ReferencePlan(NamedTuple):
     pixels: tuple[int, int]  # padded (height, width) of the bucket, in pixels
 
     def lower(self, sampler: Sampler) -> tuple[Callable, tuple]:
-        images = _spec((self.batch, *self.pixels, 3), np.float32)
+        images = sampler._batched((self.batch, *self.pixels, 3), np.float32)
         fn = functools.partial(_encode_references, graphs=sampler._graphs, slot_tokens=sampler.slot_tokens)
-        return fn, (sampler._vae_state, images, _spec((2,), np.int32))
+        return fn, (sampler._vae_state, images, sampler._shared((2,), np.int32))
 
     def describe(self, pixels_per_token: int) -> str:
         return f"reference encoder {self.pixels[1]}x{self.pixels[0]} batch={self.batch}"
@@ -77,6 +82,8 @@ class GeneratePlan(NamedTuple):
     steps: int
     guidance: bool  # classifier-free guidance with the "" prompt (base checkpoints)
     external_noise: bool  # noise given (diffusers layout `latents=`) instead of drawn from seeds
+    lora: LoraLayout | None = None  # LoRA factors as inputs (klein_jax/lora); None: the plain transformer
+    kv_cache: bool = False  # klein-9B KV: the references enter as keys and values computed once (with ref_tokens)
 
     def lower(self, sampler: Sampler) -> tuple[Callable, tuple]:
         fn = functools.partial(_generate, graphs=sampler._graphs, plan=self)
@@ -84,7 +91,8 @@ class GeneratePlan(NamedTuple):
 
     def describe(self, pixels_per_token: int) -> str:
         return (f"generate {_size(self.batch, self.grid, pixels_per_token)} ref_tokens={self.ref_tokens} "
-                f"steps={self.steps}{' cfg' if self.guidance else ''}{' given-noise' if self.external_noise else ''}")
+                f"steps={self.steps}{' cfg' if self.guidance else ''}{' given-noise' if self.external_noise else ''}"
+                f"{' ' + self.lora.describe() if self.lora else ''}{' kv' if self.kv_cache else ''}")
 
 
 class StepPlan(NamedTuple):
@@ -92,14 +100,39 @@ class StepPlan(NamedTuple):
 
     generate: GeneratePlan
 
+    @property
+    def batch(self) -> int:
+        return self.generate.batch
+
     def lower(self, sampler: Sampler) -> tuple[Callable, tuple]:
         plan = self.generate
         fn = functools.partial(_generate_step, graphs=sampler._graphs, plan=plan)
         latents = sampler._latent_spec(plan.batch, plan.grid)
-        return fn, (sampler._transformer_state, latents, _spec((), np.int32), sampler.generate_input_specs(plan))
+        step = sampler._shared((), np.int32)
+        specs = sampler.generate_input_specs(plan)
+        if _caches_references(plan):  # the references' keys and values, from the KVCachePlan program
+            specs["ref_kv"] = sampler.reference_kv_specs(plan)
+        return fn, (sampler._transformer_state, latents, step, specs)
 
     def describe(self, pixels_per_token: int) -> str:
         return "one step of " + self.generate.describe(pixels_per_token)
+
+
+class KVCachePlan(NamedTuple):
+    """The references' keys and values of a kv_cache GeneratePlan (the stepwise path; the fused one computes them)."""
+
+    generate: GeneratePlan
+
+    @property
+    def batch(self) -> int:
+        return self.generate.batch
+
+    def lower(self, sampler: Sampler) -> tuple[Callable, tuple]:
+        fn = functools.partial(_reference_kv_only, graphs=sampler._graphs, plan=self.generate)
+        return fn, (sampler._transformer_state, _kv_cache_inputs(sampler.generate_input_specs(self.generate)))
+
+    def describe(self, pixels_per_token: int) -> str:
+        return "reference keys and values of " + self.generate.describe(pixels_per_token)
 
 
 class DecodePlan(NamedTuple):
@@ -124,7 +157,7 @@ class NoisePlan(NamedTuple):
 
     def lower(self, sampler: Sampler) -> tuple[Callable, tuple]:
         fn = functools.partial(_noise, channels=sampler.channels, dtype=sampler.dtype, plan=self)
-        return fn, (_spec((self.batch, 2), np.uint32),)
+        return fn, (sampler._batched((self.batch, 2), np.uint32),)
 
     def describe(self, pixels_per_token: int) -> str:
         return f"noise {self.tokens} tokens batch={self.batch}"
@@ -135,7 +168,7 @@ def _size(batch: int, grid: tuple[int, int], pixels_per_token: int) -> str:
     return f"{cols * pixels_per_token}x{rows * pixels_per_token} batch={batch}"
 
 
-Plan = TextPlan | ReferencePlan | GeneratePlan | StepPlan | DecodePlan | NoisePlan
+Plan = TextPlan | ReferencePlan | GeneratePlan | StepPlan | KVCachePlan | DecodePlan | NoisePlan
 
 
 def seed_key_data(seed: int) -> np.ndarray:
@@ -167,8 +200,11 @@ def _velocity(transformer, latents: jax.Array, step: jax.Array, inputs: dict, pl
     """The (guided) velocity (B, L, C) of the target tokens at step `step`, as Flux2KleinPipeline's loop body."""
     B, L, _ = latents.shape
     T = inputs["text_embeds"].shape[1]
-    x, img_ids, kv_lengths = latents, inputs["target_ids"], None
-    if plan.ref_tokens:
+    x, img_ids, kv_lengths, cached_kv = latents, inputs["target_ids"], None, None
+    if _caches_references(plan):  # klein-9B KV: the references only as cached keys and values, after the sequence
+        cached_kv = inputs["ref_kv"]
+        kv_lengths = jnp.full((B,), T + L, jnp.int32) + inputs["ref_count"]  # padding at the end is not a key
+    elif plan.ref_tokens:
         refs = _reference_tokens(inputs).astype(latents.dtype)
         x = jnp.concatenate([latents, refs], axis=1)  # (B, L + R, C): target first, then references
         img_ids = jnp.concatenate([img_ids, inputs["ref_ids"]], axis=0)  # (L + R, 4)
@@ -182,7 +218,8 @@ def _velocity(transformer, latents: jax.Array, step: jax.Array, inputs: dict, pl
         x, sigma, text = (jnp.concatenate([a, a]) for a in (x, sigma, text))
         text = text.at[B:].set(negative)
         kv_lengths = None if kv_lengths is None else jnp.concatenate([kv_lengths, kv_lengths])
-    velocity = transformer(x, text, sigma, img_ids, inputs["text_ids"], kv_lengths=kv_lengths)[:, :L]
+    velocity = transformer(x, text, sigma, img_ids, inputs["text_ids"], kv_lengths=kv_lengths,
+                           cached_kv=cached_kv)[:, :L]
     if plan.guidance:
         cond, uncond = velocity[:B], velocity[B:]
         velocity = _guide(cond, uncond, inputs["guidance_scale"])
@@ -218,16 +255,44 @@ def _initial_latents(inputs: dict, plan: GeneratePlan, channels: int, dtype) -> 
     return draw_noise(inputs["key_data"], plan.grid[0] * plan.grid[1], channels, dtype)
 
 
+def _transformer(graphs: _Graphs, state, inputs: dict, plan: GeneratePlan):
+    """The transformer merged inside the traced function, with the plan's LoRA factors applied."""
+    transformer = nnx.merge(graphs.transformer, state)
+    if plan.lora:
+        apply_lora(transformer, plan.lora, inputs["lora"])
+    return transformer
+
+
+def _caches_references(plan: GeneratePlan) -> bool:
+    return plan.kv_cache and plan.ref_tokens > 0
+
+
+def _reference_kv(transformer, inputs: dict) -> ReferenceKV:
+    """The references' keys and values in every block (Flux2KleinKVPipeline's first step computes them)."""
+    return reference_kv(transformer, _reference_tokens(inputs), inputs["ref_ids"], inputs["ref_count"])
+
+
 def _generate(states, inputs, *, graphs: _Graphs, plan: GeneratePlan):
-    transformer = nnx.merge(graphs.transformer, states[0])
+    transformer = _transformer(graphs, states[0], inputs, plan)
     vae = nnx.merge(graphs.vae, states[1])
+    if _caches_references(plan):
+        inputs = {**inputs, "ref_kv": _reference_kv(transformer, inputs)}
     latents = _initial_latents(inputs, plan, transformer.config.in_channels, inputs["text_embeds"].dtype)
     latents = jax.lax.fori_loop(0, plan.steps, lambda i, x: _step(transformer, x, i, inputs, plan), latents)
     return _decode(vae, latents, plan.grid)
 
 
 def _generate_step(state, latents, step, inputs, *, graphs: _Graphs, plan: GeneratePlan):
-    return _step(nnx.merge(graphs.transformer, state), latents, step, inputs, plan)
+    return _step(_transformer(graphs, state, inputs, plan), latents, step, inputs, plan)
+
+
+def _kv_cache_inputs(inputs: dict) -> dict:
+    """The inputs a KVCachePlan program reads: the references and the LoRA factors."""
+    return {k: v for k, v in inputs.items() if k in ("ref_slots", "ref_index", "ref_ids", "ref_count", "lora")}
+
+
+def _reference_kv_only(state, inputs, *, graphs: _Graphs, plan: GeneratePlan) -> ReferenceKV:
+    return _reference_kv(_transformer(graphs, state, inputs, plan), inputs)
 
 
 def _decode_only(state, latents, *, graphs: _Graphs, plan: DecodePlan):
@@ -248,21 +313,45 @@ def _encode_references(state, images, valid_hw, *, graphs: _Graphs, slot_tokens:
     return vae.encode_reference_tokens(images.astype(vae.encoder.conv_in.kernel[...].dtype), valid_hw, slot_tokens)
 
 
-def _spec(shape, dtype) -> jax.ShapeDtypeStruct:
-    return jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype))
+def _spec(shape, dtype, where: jax.sharding.Sharding | None = None) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype), sharding=where)
+
+
+def _placed(program: jax.stages.Compiled, first: int, *inputs) -> list:
+    """`inputs` (the program's arguments from position `first` on) placed as the program expects them: host arrays
+    split over the devices, device arrays already placed so kept (a program refuses differently placed ones).
+    Inputs the program does not read (no sharding) are passed as they are."""
+    def place(value, where):
+        return value if where is None else sharding.put(value, where)
+
+    expected = program.input_shardings[0][first:]
+    return [jax.tree.map(place, value, where, is_leaf=lambda x: x is None)
+            for value, where in zip(inputs, expected, strict=True)]
 
 
 class Sampler:
-    """Owns the split modules and every compiled program; counts the programs it compiled."""
+    """Owns the split modules and every compiled program; counts the programs it compiled.
 
-    def __init__(self, transformer, vae, text_encoder, *, dtype, text_length: int, slot_tokens: int):
+    mesh: the (data, model) device mesh (klein_jax/sharding.py); the modules' arrays are placed on it as its
+    partitioning table says (arrays already placed so, as from_pretrained loads them, are not copied), and every
+    program's batch inputs and its output are split over `data`.
+    """
+
+    def __init__(self, transformer, vae, text_encoder, *, dtype, text_length: int, slot_tokens: int,
+                 mesh: jax.sharding.Mesh | None = None):
+        self.mesh = sharding.make_mesh() if mesh is None else mesh
+        for name, module in (("transformer", transformer), ("text_encoder", text_encoder)):
+            sharding.check_model_axis(name, module.config, self.mesh)
         graphs, states = zip(*(nnx.split(m) for m in (transformer, vae, text_encoder)))
         self._graphs = _Graphs(*graphs)
-        self._transformer_state, self._vae_state, self._text_state = states
+        self._transformer_state, self._vae_state, self._text_state = (
+            sharding.shard_state(state, name, self.mesh)
+            for state, name in zip(states, ("transformer", "vae", "text_encoder")))
         self.dtype = jnp.dtype(dtype)
         self.text_length = text_length
         self.slot_tokens = slot_tokens
         self.channels = transformer.config.in_channels
+        self.transformer_config = transformer.config
         self.text_dim = transformer.config.joint_attention_dim
         self.pixels_per_token = 2 * vae.config.spatial_scale
         self._programs: dict[Any, jax.stages.Compiled] = {}
@@ -284,65 +373,85 @@ class Sampler:
         # JAX's default float32 matmul on a GPU is TF32 and torch's is not: float32 parity needs HIGHEST.
         full = self.dtype == jnp.float32
         with jax.default_matmul_precision("highest") if full else contextlib.nullcontext():
-            return jax.jit(fn).lower(*args)
+            return jax.jit(fn, out_shardings=sharding.batch_sharding(self.mesh, plan.batch)).lower(*args)
 
     def program(self, plan: Plan) -> jax.stages.Compiled:
         """The compiled program of `plan`, compiling it (ahead of time) on first use."""
-        compiled = self._programs.get(plan)
+        key = (type(plan), plan)  # plans are tuples: StepPlan(p) == KVCachePlan(p), DecodePlan can equal a ReferencePlan
+        compiled = self._programs.get(key)
         if compiled is None:
             start = time.perf_counter()
             compiled = self.lower(plan).compile()
             seconds = time.perf_counter() - start
-            self._programs[plan] = compiled
+            self._programs[key] = compiled
             self.compile_count += 1
             self.compile_seconds += seconds
             log.info("compiled %s in %.1f s", plan.describe(self.pixels_per_token), seconds)
         return compiled
 
+    def _batched(self, shape, dtype) -> jax.ShapeDtypeStruct:
+        """An input whose dimension 0 is the batch: split over the mesh's data axis."""
+        return _spec(shape, dtype, sharding.batch_sharding(self.mesh, shape[0]))
+
+    def _shared(self, shape, dtype) -> jax.ShapeDtypeStruct:
+        """An input every row uses (ids, schedules, reference layout): replicated."""
+        return _spec(shape, dtype, sharding.replicated(self.mesh))
+
     def _latent_spec(self, batch: int, grid: tuple[int, int]) -> jax.ShapeDtypeStruct:
-        return _spec((batch, grid[0] * grid[1], self.channels), self.dtype)
+        return self._batched((batch, grid[0] * grid[1], self.channels), self.dtype)
 
     def generate_input_specs(self, plan: GeneratePlan) -> dict[str, Any]:
         """Shapes and dtypes of the inputs of a GeneratePlan's program (the dict `generate` takes)."""
         B, L, T = plan.batch, plan.grid[0] * plan.grid[1], self.text_length
         specs = {
-            "text_embeds": _spec((B, T, self.text_dim), self.dtype),
-            "text_ids": _spec((T, 4), np.int32),
-            "target_ids": _spec((L, 4), np.int32),
-            "sigmas": _spec((plan.steps + 1,), np.float32),
-            "timesteps": _spec((plan.steps,), np.float32),
+            "text_embeds": self._batched((B, T, self.text_dim), self.dtype),
+            "text_ids": self._shared((T, 4), np.int32),
+            "target_ids": self._shared((L, 4), np.int32),
+            "sigmas": self._shared((plan.steps + 1,), np.float32),
+            "timesteps": self._shared((plan.steps,), np.float32),
         }
         if plan.external_noise:
-            specs["noise"] = _spec((B, L, self.channels), self.dtype)
+            specs["noise"] = self._batched((B, L, self.channels), self.dtype)
         else:
-            specs["key_data"] = _spec((B, 2), np.uint32)
+            specs["key_data"] = self._batched((B, 2), np.uint32)
         if plan.guidance:
-            specs["negative_embeds"] = _spec((1, T, self.text_dim), self.dtype)
-            specs["guidance_scale"] = _spec((), np.float32)
+            specs["negative_embeds"] = self._shared((1, T, self.text_dim), self.dtype)
+            specs["guidance_scale"] = self._shared((), np.float32)
         if plan.ref_tokens:
             R = plan.ref_tokens
-            specs["ref_slots"] = tuple(_spec((B, self.slot_tokens, self.channels), self.dtype)
+            specs["ref_slots"] = tuple(self._batched((B, self.slot_tokens, self.channels), self.dtype)
                                        for _ in range(MAX_REFERENCES))
-            specs["ref_index"] = _spec((R,), np.int32)
-            specs["ref_ids"] = _spec((R, 4), np.int32)
-            specs["ref_count"] = _spec((), np.int32)
+            specs["ref_index"] = self._shared((R,), np.int32)
+            specs["ref_ids"] = self._shared((R, 4), np.int32)
+            specs["ref_count"] = self._shared((), np.int32)
+        if plan.lora:  # klein_jax/lora/apply.py: down (in, R), up (R, out) per target layer, weights (R,)
+            R, targets = plan.lora.rank, plan.lora.targets
+            specs["lora"] = {"down": tuple(self._shared((fan_in, R), self.dtype) for _, fan_in, _ in targets),
+                             "up": tuple(self._shared((R, fan_out), self.dtype) for _, _, fan_out in targets),
+                             "weights": self._shared((R,), np.float32)}
         return specs
+
+    def reference_kv_specs(self, plan: GeneratePlan) -> ReferenceKV:
+        """Shapes and dtypes of the references' keys and values of a kv_cache plan (split over `data`)."""
+        shapes = reference_kv_shapes(self.transformer_config, plan.batch, plan.ref_tokens, self.dtype)
+        return jax.tree.map(lambda s: self._batched(s.shape, s.dtype), shapes)
 
     # ---------------------------------------------------------------------------------------------- running
 
     def encode_text(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> jax.Array:
         """(B, T) token ids and mask -> text features (B, T, joint) in the pipeline dtype."""
         program = self.program(TextPlan(input_ids.shape[0]))
-        return program(self._text_state, input_ids, attention_mask)
+        return program(self._text_state, *_placed(program, 1, input_ids, attention_mask))
 
     def encode_references(self, images: np.ndarray, valid_hw: np.ndarray) -> jax.Array:
         """Padded references (B, H, W, 3) in [-1, 1] with valid (h, w) -> token slots (B, slot_tokens, C)."""
         program = self.program(ReferencePlan(images.shape[0], tuple(images.shape[1:3])))
-        return program(self._vae_state, images, valid_hw)
+        return program(self._vae_state, *_placed(program, 1, images, valid_hw))
 
     def generate(self, plan: GeneratePlan, inputs: dict[str, Any]) -> jax.Array:
         """Runs the fused program: float32 images (B, H, W, 3) in [0, 1]."""
-        return self.program(plan)((self._transformer_state, self._vae_state), inputs)
+        program = self.program(plan)
+        return program((self._transformer_state, self._vae_state), *_placed(program, 1, inputs))
 
     def generate_stepwise(self, plan: GeneratePlan, inputs: dict[str, Any], on_step: Callable[[int, int], None],
                           timings: dict[str, float] | None = None) -> jax.Array:
@@ -351,9 +460,17 @@ class Sampler:
         tokens = plan.grid[0] * plan.grid[1]
         noise_program = None if plan.external_noise else self.program(NoisePlan(plan.batch, tokens))
         step_program = self.program(StepPlan(plan))
+        kv_program = self.program(KVCachePlan(plan)) if _caches_references(plan) else None
         decode_program = self.program(DecodePlan(plan.batch, plan.grid))
         start = time.perf_counter()
-        latents = jax.device_put(inputs["noise"]) if noise_program is None else noise_program(inputs["key_data"])
+        if kv_program is not None:  # the references' keys and values, once for every step
+            cache = kv_program(self._transformer_state, *_placed(kv_program, 1, _kv_cache_inputs(inputs)))
+            inputs = {**inputs, "ref_kv": cache}
+        (inputs,) = _placed(step_program, 3, inputs)  # placed once for every step
+        if noise_program is None:
+            latents = sharding.put(inputs["noise"], sharding.batch_sharding(self.mesh, plan.batch))
+        else:
+            latents = noise_program(*_placed(noise_program, 0, inputs["key_data"]))
         for i in range(plan.steps):
             latents = step_program(self._transformer_state, latents, np.int32(i), inputs).block_until_ready()
             on_step(i + 1, plan.steps)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
 import dataclasses
 import logging
 import os
@@ -18,12 +19,14 @@ import sys
 import warnings
 
 from server.auth import parse_api_keys
-from server.settings import DEFAULT_MODEL_ID, Settings, parse_aspect_ratios, parse_hosts, parse_networks
+from server.settings import (DEFAULT_MODEL_ID, Settings, parse_aspect_ratios, parse_dns_servers, parse_hosts,
+                             parse_networks)
 
 log = logging.getLogger("server")
 
 _MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _TRUE = ("1", "true", "yes", "on")
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 
 
 class _Parser(argparse.ArgumentParser):
@@ -44,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", action="append", metavar="[ID=]SRC", default=models.split(",") if models else None,
                    help=f"a klein-convert folder, diffusers folder or hub id to serve as ID (default id "
                         f"{DEFAULT_MODEL_ID}); repeat for several models (env KLEIN_MODEL, comma-separated)")
+    loras = _env("LORA")
+    p.add_argument("--lora", action="append", metavar="NAME=PATH[:SCALE]", default=loras.split(",") if loras else [],
+                   help="a LoRA adapter (.safetensors file, folder or hub id) that requests name with the lora field, "
+                        "at SCALE by default (1.0); repeat for several (env KLEIN_LORA, comma-separated)")
     p.add_argument("--demo", action="store_true", default=_env("DEMO", "").lower() in _TRUE,
                    help=f"serve a tiny in-memory model with random weights (noise images) as {DEFAULT_MODEL_ID}")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default=_env("DTYPE", "bfloat16"),
@@ -52,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=_env("PORT", "8000"), help="port to listen on (0: any free port)")
     p.add_argument("--no-auth", action="store_true", default=_env("NO_AUTH", "").lower() in _TRUE,
                    help="serve without API keys (only on a trusted network)")
+    p.add_argument("--no-playground", action="store_true", default=_env("NO_PLAYGROUND", "").lower() in _TRUE,
+                   help="do not serve the playground page at / (then / is a 404)")
     p.add_argument("--timeout-s", type=float, default=_env("TIMEOUT_S", "120"),
                    help="limit on queue wait plus generation; past it, 504")
     p.add_argument("--max-queue", type=int, default=_env("MAX_QUEUE", "64"),
@@ -82,10 +91,35 @@ def build_parser() -> argparse.ArgumentParser:
                    help="time limit per image_uris entry, redirects included")
     p.add_argument("--max-redirects", type=int, default=_env("MAX_REDIRECTS", "3"),
                    help="redirects followed per image_uris entry")
+    p.add_argument("--max-decoded-pixels", type=int, default=_env("MAX_DECODED_PIXELS"), metavar="N",
+                   help="decoded reference pixels all requests may hold at once (default 4 x --max-image-pixels); "
+                        "requests past it wait for their turn to decode")
+    p.add_argument("--dns-servers", default=_env("DNS_SERVERS", ""), metavar="IP[:PORT],...",
+                   help="DNS servers that resolve image_uris hosts (default: those of /etc/resolv.conf)")
+    p.add_argument("--dns-timeout-s", type=float, default=_env("DNS_TIMEOUT_S", "5"),
+                   help="time limit per image_uris host look-up; past it, 422")
+    p.add_argument("--drain-timeout-s", type=float, default=_env("DRAIN_TIMEOUT_S", "30"),
+                   help="after SIGTERM or SIGINT: time to answer what is queued or running before exiting 0")
+    p.add_argument("--mesh", type=_mesh, default=_env("MESH"), metavar="data=D,model=M",
+                   help="shard every model over D*M devices: D splits the batch, M the weights (docs/sharding.md); "
+                        "default one device")
+    p.add_argument("--distributed", action="store_true", default=_env("DISTRIBUTED", "").lower() in _TRUE,
+                   help="one process per host of a multi-host job (jax.distributed; docs/deployment.md): process 0 "
+                        "serves HTTP, the others run its batches")
     p.add_argument("--compile-cache", default=_env("COMPILE_CACHE"), metavar="DIR",
                    help="persistent JAX compilation cache: later starts load programs instead of compiling")
     p.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"), choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     return p
+
+
+def _mesh(value: str) -> str:
+    from klein_jax.sharding import parse_mesh
+
+    try:
+        parse_mesh(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return value
 
 
 def _aspect_ratios(value: str) -> tuple[str, ...]:
@@ -134,12 +168,28 @@ def settings_from_args(args: argparse.Namespace, api_keys: tuple[str, ...]) -> S
         max_body_bytes=args.max_body_bytes, max_image_bytes=args.max_image_bytes,
         max_image_pixels=args.max_image_pixels, fetch_timeout_s=args.fetch_timeout_s,
         max_redirects=args.max_redirects, allow_hosts=parse_hosts(args.allow_hosts),
-        allow_networks=parse_networks(args.allow_networks),
+        max_decoded_pixels=args.max_decoded_pixels or 4 * args.max_image_pixels,
+        dns_servers=parse_dns_servers(args.dns_servers), dns_timeout_s=args.dns_timeout_s,
+        drain_timeout_s=args.drain_timeout_s,
+        allow_networks=parse_networks(args.allow_networks), playground=not args.no_playground,
     )
 
 
+def _return_freed_images_to_the_os() -> None:
+    """glibc keeps freed blocks above its adaptive mmap threshold (up to 32 MiB) in per-thread heaps: after decoding
+    a few 16 Mpx references on pool threads the RSS stays hundreds of MiB up, whatever --max-decoded-pixels held at
+    once. A fixed threshold serves image-sized blocks with mmap, which free returns to the system."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, 4 * 2**20)
+        except (OSError, AttributeError):  # not glibc
+            pass
+
+
 def _configure_process(args: argparse.Namespace, settings: Settings) -> None:
-    """Logging (access log: JSON lines on stdout; the rest on stderr), Pillow's bomb limit, the compile cache."""
+    """Logging (access log: JSON lines on stdout; the rest on stderr), Pillow's bomb limit, the compile cache, the
+    allocator's threshold for returning memory."""
+    _return_freed_images_to_the_os()
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every checkpoint read at INFO
@@ -163,15 +213,31 @@ def _load_models(args: argparse.Namespace, sources: dict[str, str]) -> dict:
     if args.demo:
         from klein_jax.demo import build_demo_pipeline
 
-        models[DEFAULT_MODEL_ID] = build_demo_pipeline()
+        models[DEFAULT_MODEL_ID] = build_demo_pipeline(mesh=args.mesh)
         log.warning("--demo: serving a tiny model with random weights as %s; its images are noise", DEFAULT_MODEL_ID)
     if sources:
         from klein_jax import KleinPipeline
 
         for model_id, src in sources.items():
-            models[model_id] = KleinPipeline.from_pretrained(src, dtype=args.dtype)
+            models[model_id] = KleinPipeline.from_pretrained(src, dtype=args.dtype, mesh=args.mesh)
             log.info("loaded model %s from %s", model_id, src)
+    for pipe in models.values():  # every model gets every adapter; a request picks one with the lora field
+        for name, path, scale in args.loras:
+            pipe.lora.load(path, name, default_scale=1.0 if scale is None else scale)
+        pipe.set_adapters([])  # no adapter unless a request names one
     return models
+
+
+def _parse_loras(values: list[str]) -> list[tuple[str, str, float | None]]:
+    """--lora NAME=PATH[:SCALE] values -> (name, path, scale); ValueError on a malformed or repeated name."""
+    from klein_jax.lora.files import parse_lora_spec
+
+    loras = [parse_lora_spec(value, named=True) for value in values]
+    names = [name for name, _, _ in loras]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"--lora names repeat: {', '.join(repeated)}")
+    return loras
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -190,15 +256,41 @@ async def _serve(app, sock: socket.socket) -> None:
     config.bind = [f"fd://{sock.detach()}"]  # hypercorn listens on the socket bound above
     config.accesslog = None  # the app writes its own JSON access log
     config.errorlog = logging.getLogger("hypercorn.error")
-    config.graceful_timeout = 5.0
+    service = app.extensions["klein"]
+    config.graceful_timeout = service.settings.drain_timeout_s + 5.0  # the app answers everything within its drain
     # Longer than clients' idle keep-alive (httpx, requests: 5 s; the same as hypercorn's default): a client then
     # drops an idle connection before the server does, instead of sending a request as the server closes it.
     config.keep_alive_timeout = 75.0
     stop = asyncio.Event()
+
+    def drain(timeout_s: float) -> None:  # a second signal answers what is left at once
+        log.info("stopping: no new connections; answering what is in flight within %g s", timeout_s)
+        service.drain(timeout_s)
+        stop.set()
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, lambda: drain(0.0 if stop.is_set() else service.settings.drain_timeout_s))
+    loop.add_signal_handler(signal.SIGHUP, _reload_keys, app)
     await serve(app, config, shutdown_trigger=stop.wait)
+
+
+def _reload_keys(app) -> None:
+    """SIGHUP: the keys of KLEIN_API_KEYS and KLEIN_API_KEYS_FILE read again; on any problem the keys in use stay."""
+    keys = app.extensions["klein.api_keys"]
+    if keys is None:
+        log.warning("SIGHUP: auth is off (--no-auth): no keys to reload")
+        return
+    try:
+        new_keys = _read_keys()
+    except (OSError, ValueError) as e:
+        log.error("SIGHUP: keys not reloaded, the ones in use stay: %s", e)
+        return
+    if not new_keys:
+        log.error("SIGHUP: keys not reloaded, the ones in use stay: no key configured")
+        return
+    keys.replace(new_keys)
+    log.info("SIGHUP: %d API keys reloaded", len(new_keys))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -209,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("nothing to serve: pass --model [ID=]SRC or --demo")
     try:
         sources = parse_models(args.model or [])
+        args.loras = _parse_loras(args.lora)
         if args.demo and DEFAULT_MODEL_ID in sources:
             raise ValueError(f"--demo serves the id {DEFAULT_MODEL_ID}; name the other model: --model ID=SRC")
         keys = () if args.no_auth else _read_keys()
@@ -218,18 +311,29 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         parser.error(str(e))
     _configure_process(args, settings)
+    from klein_jax import distributed
+
     try:
-        sock = _bind(settings.host, settings.port)
+        if args.distributed:
+            distributed.initialize(os.environ)
+        sock = _bind(settings.host, settings.port) if distributed.is_leader() else None
         models = _load_models(args, sources)
     except Exception as e:  # noqa: BLE001 - one readable line, exit 1
         log.error("cannot start: %s: %s", type(e).__name__, e)
         return 1
+    if not distributed.is_leader():  # process 0 serves HTTP; this one runs its device calls until it stops
+        distributed.follow(models)
+        return 0
+    if args.distributed:
+        models = {model_id: distributed.Leader(model_id, pipe) for model_id, pipe in models.items()}
     from server.app import create_app
 
     settings = dataclasses.replace(settings, port=sock.getsockname()[1])
     log.info("serving on %s (auth %s); compiling programs, /readyz turns ready when done", settings.base_url,
              "on" if settings.auth else "OFF")
     asyncio.run(_serve(create_app(models, settings), sock))
+    if args.distributed:
+        distributed.stop_followers()
     return 0
 
 

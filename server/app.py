@@ -20,6 +20,7 @@ from server.fetch import ImageFetcher, Resolver
 from server.forms import read_form, validate_form
 from server.metrics import Metrics
 from server.openapi import build_openapi
+from server.playground import load_playground
 from server.service import GenerateService
 from server.settings import Settings
 
@@ -33,7 +34,8 @@ def create_app(models: Mapping[str, Any], settings: Settings, *, resolver: Resol
     """The server app for `models` (id -> KleinPipeline-like object); the device worker starts with the app.
 
     Args:
-      resolver: async (host, port) -> addresses, used for image_uris hosts; the system resolver by default.
+      resolver: async (host, port) -> addresses, used for image_uris hosts; c-ares (server.fetch.DnsResolver) by
+        default.
     """
     if not models:
         raise ValueError("create_app needs at least one model")
@@ -44,9 +46,11 @@ def create_app(models: Mapping[str, Any], settings: Settings, *, resolver: Resol
     fetcher = ImageFetcher(settings, resolver=resolver)
     service = GenerateService(models, settings, metrics, fetcher)
     keys = ApiKeys(settings.api_keys) if settings.auth else None
-    document = build_openapi(list(models), settings)
+    adapters = _lora_adapters(models)
+    document = build_openapi(list(models), settings, adapters=list(adapters))
     any_demo = any(getattr(pipe, "is_demo", False) for pipe in models.values())
     app.extensions["klein"] = service
+    app.extensions["klein.api_keys"] = keys  # klein-serve replaces the keys on SIGHUP
     install_error_handler(app)
 
     @app.before_serving
@@ -73,11 +77,18 @@ def create_app(models: Mapping[str, Any], settings: Settings, *, resolver: Resol
         if (getattr(models[model], "is_demo", False) if model else any_demo):
             response.headers["X-Klein-Demo"] = "true; random weights, the images are noise"
         route = request.url_rule.rule if request.url_rule is not None else "unmatched"
-        metrics.requests.labels(route, request.method, str(response.status_code)).inc()
+        metrics.count_request(route, request.method, response.status_code)
         if route == "/v1/generate":
             metrics.observe_stages({**g.get("timings", {}), "total": total_ms})
         _log_access(response.status_code, total_ms)
         return response
+
+    if settings.playground:
+        page = load_playground()
+
+        @app.get("/")
+        async def playground() -> Response:  # no auth: the page asks for the key, generating needs it
+            return Response(page.body, headers=dict(page.headers))
 
     @app.get("/healthz")
     async def healthz() -> dict:
@@ -87,7 +98,8 @@ def create_app(models: Mapping[str, Any], settings: Settings, *, resolver: Resol
     async def readyz() -> dict:
         service.require_ready()
         return {"status": "ready", "compiled_programs": service.compiled_programs,
-                "models": {mid: _model_info(pipe) for mid, pipe in models.items()},
+                "models": {mid: _model_info(mid, pipe) for mid, pipe in models.items()},
+                "lora_adapters": {name: {"default_scale": scale} for name, scale in adapters.items()},
                 "aspect_ratios": {name: list(ASPECT_RATIOS[name]) for name in settings.aspect_ratios}}
 
     @app.get("/metrics")
@@ -105,20 +117,22 @@ def create_app(models: Mapping[str, Any], settings: Settings, *, resolver: Resol
             keys.check(request.headers.get("Authorization"))
         service.require_ready()
         try:
-            with service.admission():
-                return await _generate()
-        except asyncio.CancelledError:
-            _log_access(499, (time.perf_counter() - g.started_s) * 1000.0)  # client closed the connection
+            return await service.until_drained(_generate())
+        except asyncio.CancelledError:  # the client closed the connection
+            metrics.count_request("/v1/generate", "POST", 499)
+            _log_access(499, (time.perf_counter() - g.started_s) * 1000.0)
             raise
 
     async def _generate() -> Response:
         start = time.perf_counter()
         fields, files = await read_form(request, settings)
-        form = validate_form(fields, files, settings, list(models))
+        g.body_read = True  # errors from here on leave the connection reusable
+        form = validate_form(fields, files, settings, list(models), list(adapters))
         g.timings["parse"] = (time.perf_counter() - start) * 1000.0
         width, height = form.size
         g.fields.update(model=form.model, workflow=form.workflow.value, refs=form.num_references,
-                        aspect_ratio=form.aspect_ratio, resolution=f"{width}x{height}", seed=form.seed)
+                        aspect_ratio=form.aspect_ratio, resolution=f"{width}x{height}", seed=form.seed,
+                        lora=form.lora)
         result = await service.generate(form, g.timings)
         g.fields.update(seed=result.seed, batch_size=result.batch_size)
         metrics.images.labels(form.model, g.fields["workflow"]).inc()
@@ -142,8 +156,18 @@ def _result_headers() -> dict[str, str]:
     return headers
 
 
-def _model_info(pipe: Any) -> dict:
+def _lora_adapters(models: Mapping[str, Any]) -> dict[str, float]:
+    """name -> default scale of the LoRA adapters the models loaded (klein-serve --lora), in loading order."""
+    adapters: dict[str, float] = {}
+    for pipe in models.values():
+        lora = getattr(pipe, "lora", None)
+        adapters.update(getattr(lora, "default_scales", {}))
+    return adapters
+
+
+def _model_info(model_id: str, pipe: Any) -> dict:
     info = dict(getattr(pipe, "model_info", {}) or {})
+    info["name"] = model_id  # the pipeline's own name may be the folder it was loaded from: not for clients
     info["is_demo"] = bool(getattr(pipe, "is_demo", False))
     return json.loads(json.dumps(info, default=str))  # JSON-safe whatever the pipeline put there
 

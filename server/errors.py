@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 
-from quart import Quart, Response, current_app, g, json
+from quart import Quart, Response, current_app, g, json, request
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 log = logging.getLogger(__name__)
@@ -56,4 +56,13 @@ def install_error_handler(app: Quart) -> None:
             log.error("request %s failed", request_id, exc_info=error)
             error = RequestError(500, f"internal server error; request id {request_id}")
         g.error_detail = error.detail
-        return json_error(error.status, error.detail, error.headers)
+        headers = dict(error.headers)
+        if _body_left_unread():  # the connection cannot carry another request: say so, or a client reusing it fails
+            headers["Connection"] = "close"
+        return json_error(error.status, error.detail, headers)
+
+
+def _body_left_unread() -> bool:
+    """True if the request came with a body that the app answered before reading to its end (a 401, a 413...)."""
+    has_body = bool(request.content_length) or "chunked" in request.headers.get("Transfer-Encoding", "").lower()
+    return has_body and not g.get("body_read", False)

@@ -3,7 +3,11 @@
 Every hop resolves the host name here, checks every DNS answer, and connects to the checked address itself
 (the URL given to httpx holds the IP; Host and TLS SNI carry the name), so a DNS answer that changes between
 the check and the connection cannot reach a forbidden address. Redirects are followed here, re-checked hop by
-hop. Bodies are bounded in bytes, the whole fetch in time. data: URIs are decoded with a size limit.
+hop. Bodies are bounded in bytes (compressed and decompressed), the whole fetch in time. data: URIs are decoded
+with a size limit.
+
+Look-ups run on c-ares (aiodns) rather than getaddrinfo in the default thread pool, which image decoding and PNG
+encoding share: at most MAX_LOOKUPS at once, each within --dns-timeout-s, and a cancelled request drops its own.
 """
 
 from __future__ import annotations
@@ -14,8 +18,10 @@ import binascii
 import ipaddress
 import re
 import socket
+import zlib
 from collections.abc import Awaitable, Callable, Sequence
 
+import aiodns
 import httpx
 
 from server.errors import RequestError
@@ -24,14 +30,39 @@ from server.settings import Settings
 Resolver = Callable[[str, int], Awaitable[list[str]]]
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
+MAX_LOOKUPS = 64  # DNS look-ups in flight; more wait for a free one (within their time budget)
 _REDIRECTS = (301, 302, 303, 307, 308)
 _DATA_URI = re.compile(r"data:(image/[A-Za-z0-9.+-]+)((?:;[^,;]*)*?);base64,(.*)", re.DOTALL | re.IGNORECASE)
+_LEGACY_IPV4 = re.compile(r"[0-9a-fA-FxX.]+")  # 2130706433, 127.1, 0x7f.1: what inet_aton (and browsers) accept
+_ENCODINGS = ("gzip", "x-gzip", "deflate")  # decoded within the byte limit; the fetcher asks for nothing else
 
 
-async def system_resolver(host: str, port: int) -> list[str]:
-    """Every address the system resolver gives for host (TCP), in its order."""
-    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    return list(dict.fromkeys(info[4][0] for info in infos))
+class DnsResolver:
+    """Resolves image_uris hosts with c-ares (aiodns): its own sockets and thread, bounded, cancellable."""
+
+    def __init__(self, nameservers: Sequence[str] = (), timeout_s: float = 5.0):
+        self.nameservers = list(nameservers)
+        self.timeout_s = timeout_s
+        self._resolver: aiodns.DNSResolver | None = None
+        self._slots = asyncio.Semaphore(MAX_LOOKUPS)
+
+    async def start(self) -> None:
+        """Opens the c-ares channel (the system's resolv.conf and hosts file unless nameservers are given)."""
+        self._resolver = aiodns.DNSResolver(nameservers=self.nameservers or None, timeout=self.timeout_s / 2, tries=2)
+
+    async def aclose(self) -> None:
+        if self._resolver is not None:
+            await self._resolver.close()
+            self._resolver = None
+
+    async def __call__(self, host: str, port: int) -> list[str]:
+        """Every address of host (TCP), in the resolver's order; OSError if it has none."""
+        async with self._slots:
+            try:
+                result = await self._resolver.getaddrinfo(host, port=port, type=socket.SOCK_STREAM)
+            except aiodns.error.DNSError as e:
+                raise OSError(e.args[1] if len(e.args) > 1 else str(e)) from None
+        return list(dict.fromkeys(node.addr[0].decode() for node in result.nodes))
 
 
 def forbidden_reason(address: IPAddress) -> str | None:
@@ -96,23 +127,29 @@ class ImageFetcher:
     def __init__(self, settings: Settings, *, resolver: Resolver | None = None):
         self.settings = settings
         self.policy = AddressPolicy(settings.allow_hosts, settings.allow_networks)
-        self.resolver = resolver or system_resolver
+        self._dns = None if resolver else DnsResolver(settings.dns_servers, settings.dns_timeout_s)
+        self.resolver = resolver or self._dns
         self._client: httpx.AsyncClient | None = None
 
     async def start(self) -> None:
-        """Opens the HTTP client (no proxies from the environment, no keep-alive: each hop connects anew)."""
+        """Opens the resolver and the HTTP client (no proxies from the environment, no keep-alive: each hop connects
+        anew)."""
+        if self._dns is not None:
+            await self._dns.start()
         self._client = httpx.AsyncClient(
             trust_env=False, follow_redirects=False,
             timeout=httpx.Timeout(self.settings.fetch_timeout_s),
             limits=httpx.Limits(max_connections=64, max_keepalive_connections=0),
-            headers={"User-Agent": "klein-serve", "Accept": "image/*"},
+            headers={"User-Agent": "klein-serve", "Accept": "image/*", "Accept-Encoding": "gzip, deflate"},
         )
 
     async def aclose(self) -> None:
-        """Closes the HTTP client."""
+        """Closes the HTTP client and the resolver."""
         if self._client is not None:
             await self._client.aclose()
             self._client = None
+        if self._dns is not None:
+            await self._dns.aclose()
 
     async def fetch_all(self, uris: Sequence[str]) -> list[bytes]:
         """The bytes behind each URI, fetched concurrently; the first failure (in order) is raised."""
@@ -153,11 +190,17 @@ class ImageFetcher:
     async def _checked_addresses(self, url: httpx.URL, label: str) -> list[str]:
         """Resolves url's host and checks every answer; any forbidden answer refuses the whole URI."""
         host = _hostname(url)
-        try:
-            addresses = [str(ipaddress.ip_address(host))]  # an IP literal: no DNS
-        except ValueError:
+        literal = _ip_literal(host)
+        if literal is not None:
+            addresses = [literal]  # no DNS
+        else:
+            timeout_s = self.settings.dns_timeout_s
             try:
-                addresses = await self.resolver(host, _port(url))
+                async with asyncio.timeout(timeout_s):
+                    addresses = await self.resolver(host, _port(url))
+            except TimeoutError:
+                raise RequestError(422, f"{label}: host {host!r} could not be resolved within {timeout_s:g} s") \
+                    from None
             except (OSError, UnicodeError) as e:
                 raise RequestError(422, f"{label}: host {host!r} could not be resolved ({e})") from None
         if not addresses:
@@ -179,6 +222,9 @@ class ImageFetcher:
                 last_error = e  # try the next checked address
             except httpx.HTTPError as e:
                 raise RequestError(422, f"{label}: fetching {_show(url)} failed: {_describe(e)}") from None
+            except (httpx.InvalidURL, UnicodeError) as e:  # httpx parses a redirect's Location as it answers
+                raise RequestError(422, f"{label}: {_show(url)} redirects to a malformed URL ({_describe(e)})") \
+                    from None
         raise RequestError(422, f"{label}: could not connect to {_show(url)}: {_describe(last_error)}")
 
     async def _get_from(self, url: httpx.URL, address: str, label: str) -> bytes | httpx.URL:
@@ -189,7 +235,11 @@ class ImageFetcher:
         async with self._client.stream("GET", pinned, headers=headers, extensions=extensions) as response:
             self._check_peer(response, host, label)
             if response.status_code in _REDIRECTS and "location" in response.headers:
-                return _parse_http_url(str(url.join(response.headers["location"])), f"{label} (redirect)")
+                try:
+                    target = str(url.join(response.headers["location"]))
+                except (httpx.InvalidURL, ValueError, TypeError) as e:
+                    raise RequestError(422, f"{label}: {_show(url)} redirects to a malformed URL ({e})") from None
+                return _parse_http_url(target, f"{label} (redirect)")
             if response.status_code != 200:
                 raise RequestError(422, f"{label}: {_show(url)} answered HTTP {response.status_code}")
             return await self._read_bounded(response, url, label)
@@ -202,16 +252,32 @@ class ImageFetcher:
             raise RequestError(422, f"{label}: connected to a forbidden address")
 
     async def _read_bounded(self, response: httpx.Response, url: httpx.URL, label: str) -> bytes:
+        """The body, decompressed by hand so that neither the bytes received nor those decoded pass the limit."""
         limit = self.settings.max_image_bytes
         declared = response.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
             raise RequestError(422, f"{label}: {_show(url)} is larger than {limit} bytes (Content-Length {declared})")
-        chunks, size = [], 0
-        async for chunk in response.aiter_raw():  # raw: a compressed body cannot expand past the limit
-            size += len(chunk)
-            if size > limit:
-                raise RequestError(422, f"{label}: {_show(url)} is larger than {limit} bytes")
-            chunks.append(chunk)
+        encoding = response.headers.get("content-encoding", "identity").strip().lower()
+        if encoding not in ("identity", "", *_ENCODINGS):
+            raise RequestError(422, f"{label}: {_show(url)} came with Content-Encoding {encoding[:40]!r}; only gzip "
+                                    "and deflate are read")
+        decoder = zlib.decompressobj(zlib.MAX_WBITS | 32) if encoding in _ENCODINGS else None  # gzip or zlib
+        chunks, received, size = [], 0, 0
+        try:
+            async for chunk in response.aiter_raw():
+                received += len(chunk)
+                if decoder is not None:
+                    chunk = decoder.decompress(chunk, limit + 1 - size)
+                size += len(chunk)
+                if received > limit or size > limit:
+                    raise RequestError(422, f"{label}: {_show(url)} is larger than {limit} bytes")
+                chunks.append(chunk)
+            if decoder is not None:
+                chunks.append(decoder.flush())
+                if size + len(chunks[-1]) > limit:
+                    raise RequestError(422, f"{label}: {_show(url)} is larger than {limit} bytes")
+        except zlib.error as e:
+            raise RequestError(422, f"{label}: {_show(url)} is not valid {encoding} data ({e})") from None
         return b"".join(chunks)
 
 
@@ -223,13 +289,28 @@ def _parse_http_url(uri: str, label: str) -> httpx.URL:
                                 f"got {_truncate(uri)!r}")
     try:
         url = httpx.URL(uri)
+        url.host  # noqa: B018 - decodes an IDNA host: a malformed A-label such as xn-- raises here
     except (httpx.InvalidURL, ValueError, TypeError) as e:
-        raise RequestError(422, f"{label}: malformed URL ({e})") from None
+        raise RequestError(422, f"{label}: malformed URL ({_truncate(str(e))})") from None
     if not url.host:
         raise RequestError(422, f"{label}: URL {_truncate(uri)!r} has no host")
     if url.userinfo:
         raise RequestError(422, f"{label}: URLs with credentials are not fetched")
     return url
+
+
+def _ip_literal(host: str) -> str | None:
+    """The address a host written as an IP means (IPv6, dotted IPv4 or its legacy numeric forms), else None."""
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        pass
+    if _LEGACY_IPV4.fullmatch(host):
+        try:
+            return socket.inet_ntoa(socket.inet_aton(host))
+        except OSError:
+            pass
+    return None
 
 
 def _hostname(url: httpx.URL) -> str:

@@ -1,4 +1,8 @@
-"""Prometheus metrics of one app, in a registry of its own (no process-wide collectors)."""
+"""Prometheus metrics of one app, in a registry of its own (no process-wide collectors).
+
+No label takes a value from the client beyond a fixed set: methods outside METHODS are counted as "other", routes
+are the app's own rules (or "unmatched"), statuses are the server's own.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 
 # Stages of a generate request, in order; each has a latency histogram.
 STAGES = ("parse", "fetch", "decode", "prepare", "queue", "generate", "encode", "total")
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 _LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
 
@@ -27,6 +32,14 @@ class Metrics:
         self.ready = Gauge("klein_ready", "1 once every program is compiled, else 0", registry=self.registry)
         self.compiled_programs = Gauge("klein_compiled_programs", "Programs compiled at start-up",
                                        registry=self.registry)
+        self.decoded_pixels = Gauge("klein_decoded_pixels", "Pixels of decoded reference images held by requests "
+                                    "(bounded by --max-decoded-pixels)", registry=self.registry)
+        self.batch_failures = Counter("klein_batch_failures", "Batches whose run raised, BaseException included "
+                                      "(their requests answer 500; the worker goes on)", registry=self.registry)
+
+    def count_request(self, route: str, method: str, status: int) -> None:
+        """One answered request (499: the client went away first); unknown methods are counted as 'other'."""
+        self.requests.labels(route, method if method in METHODS else "other", str(status)).inc()
 
     def observe_stages(self, timings_ms: dict[str, float]) -> None:
         """Adds one request's stage timings (milliseconds) to the stage histograms."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from klein_jax.request import ASPECT_RATIOS, MAX_PROMPT_CHARS, MAX_REFERENCES, MAX_SEED, Workflow
+from klein_jax.request import ASPECT_RATIOS, MAX_LORA_SCALE, MAX_PROMPT_CHARS, MAX_REFERENCES, MAX_SEED, Workflow
 from server.settings import DEFAULT_MODEL_ID, Settings
 
 _ERROR = {"$ref": "#/components/schemas/Error"}
@@ -19,7 +19,8 @@ def _error(description: str, *headers: str) -> dict:
     return response
 
 
-def _form_schema(model_ids: Sequence[str], settings: Settings, *, with_files: bool) -> dict:
+def _form_schema(model_ids: Sequence[str], settings: Settings, *, with_files: bool,
+                 adapters: Sequence[str] = ()) -> dict:
     properties = {
         "prompt": {"type": "string", "minLength": 1, "maxLength": MAX_PROMPT_CHARS,
                    "description": "Text to generate from; empty or whitespace-only is a 422."},
@@ -35,6 +36,12 @@ def _form_schema(model_ids: Sequence[str], settings: Settings, *, with_files: bo
         "seed": {"type": "string", "pattern": f"^[0-9]{{1,{len(str(MAX_SEED))}}}$",
                  "description": f"Optional integer in 0..{MAX_SEED} (2^64-1): the same seed, prompt, inputs and "
                                 "model give the same image. Random when absent; the seed used is in X-Klein-Seed."},
+        "lora": {"type": "string", **({"enum": list(adapters)} if adapters else {}),
+                 "description": "Optional LoRA adapter the server loaded (klein-serve --lora NAME=PATH): "
+                                f"{', '.join(adapters) or 'none loaded'}; another name is a 422 listing them."},
+        "lora_scale": {"type": "string", "description": f"Optional number in [-{MAX_LORA_SCALE:g}, "
+                                                        f"{MAX_LORA_SCALE:g}], with lora only; default: the "
+                                                        "adapter's default scale (1.0 unless --lora gave one)."},
     }
     if with_files:
         properties["images"] = {
@@ -48,16 +55,17 @@ def _form_schema(model_ids: Sequence[str], settings: Settings, *, with_files: bo
     return {"type": "object", "required": ["prompt"], "properties": properties}
 
 
-def _generate_operation(model_ids: Sequence[str], settings: Settings) -> dict:
+def _generate_operation(model_ids: Sequence[str], settings: Settings, adapters: Sequence[str] = ()) -> dict:
     return {
         "summary": "Generate one image",
         "operationId": "generate",
         "security": [{"bearer": []}] if settings.auth else [],
         "requestBody": {"required": True, "content": {
-            "multipart/form-data": {"schema": _form_schema(model_ids, settings, with_files=True),
+            "multipart/form-data": {"schema": _form_schema(model_ids, settings, with_files=True, adapters=adapters),
                                     "encoding": {"images": {"contentType": "image/png, image/jpeg, image/webp, "
                                                                            "image/gif"}}},
-            "application/x-www-form-urlencoded": {"schema": _form_schema(model_ids, settings, with_files=False)},
+            "application/x-www-form-urlencoded": {"schema": _form_schema(model_ids, settings, with_files=False,
+                                                                         adapters=adapters)},
         }},
         "responses": {
             "200": {
@@ -69,13 +77,16 @@ def _generate_operation(model_ids: Sequence[str], settings: Settings) -> dict:
             },
             "401": _error("Missing, malformed or unknown API key.", "WWW-Authenticate"),
             "408": _error("The body did not arrive within the server's body timeout (60 s)."),
-            "413": _error(f"Body over {settings.max_body_bytes} bytes or over {settings.max_form_parts} form fields."),
-            "422": _error("A field failed validation: prompt, model, aspect_ratio, seed, image_uris (bad JSON, a "
+            "413": _error(f"Body over {settings.max_body_bytes} bytes (whatever its transfer encoding) or over "
+                          f"{settings.max_form_parts} form fields (multipart or urlencoded)."),
+            "422": _error("A field failed validation: prompt, model, aspect_ratio, seed, lora, lora_scale, "
+                          "image_uris (bad JSON, a "
                           "scheme other than http(s)/data, a forbidden address, an image that cannot be fetched "
                           "or decoded), too many images, an image too large in bytes or pixels, a content type "
                           "other than multipart/form-data or application/x-www-form-urlencoded."),
             "500": _error("Unexpected server error: a generic message with the request id."),
-            "503": _error("Not ready (compiling) or the queue is full.", "Retry-After"),
+            "503": _error("Not ready (compiling), the queue is full or would take longer than the time limit, or "
+                          "the server is shutting down.", "Retry-After"),
             "504": _error(f"Queue wait plus generation exceeded {settings.timeout_s:g} s."),
             "405": _METHOD_NOT_ALLOWED,
         },
@@ -87,10 +98,11 @@ def _get(summary: str, operation_id: str, ok: dict, *errors: tuple[str, dict]) -
     return {"get": {"summary": summary, "operationId": operation_id, "responses": responses}}
 
 
-def build_openapi(model_ids: Sequence[str], settings: Settings) -> dict:
+def build_openapi(model_ids: Sequence[str], settings: Settings, *, adapters: Sequence[str] = ()) -> dict:
     """The OpenAPI document served at /openapi.json."""
     json_ok = {"description": "OK", "content": {"application/json": {"schema": {"type": "object"}}}}
     header = {"schema": {"type": "string"}}
+    html_ok = {"description": "HTML", "content": {"text/html": {"schema": {"type": "string"}}}}
     return {
         "openapi": "3.1.0",
         "info": {"title": "klein-serve", "version": "1.0.0",
@@ -98,13 +110,16 @@ def build_openapi(model_ids: Sequence[str], settings: Settings) -> dict:
                                 "{\"detail\": ...}, including 404 for a path not listed here; every response carries "
                                 "X-Request-ID."},
         "paths": {
-            "/v1/generate": {"post": _generate_operation(model_ids, settings)},
+            "/v1/generate": {"post": _generate_operation(model_ids, settings, adapters)},
             "/healthz": _get("The process is up", "healthz", json_ok),
             "/readyz": _get("Weights loaded and every program compiled", "readyz", json_ok,
-                            ("503", _error("Not ready yet (compiling) or start-up failed.", "Retry-After"))),
+                            ("503", _error("Not ready yet (compiling), start-up failed, the device worker stopped, "
+                                           "or the server is shutting down.", "Retry-After"))),
             "/metrics": _get("Prometheus metrics", "metrics", {
                 "description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}}),
             "/openapi.json": _get("This document", "openapi", json_ok),
+            **({"/": _get("The playground: an HTML page that calls POST /v1/generate", "playground", html_ok)}
+               if settings.playground else {}),
         },
         "components": {
             "schemas": {"Error": {"type": "object", "required": ["detail"], "additionalProperties": False,

@@ -1,4 +1,9 @@
-"""What POST /v1/generate does once the form is valid: references, prepare, queue, generate, PNG."""
+"""What POST /v1/generate does once the form is valid: references, prepare, queue, generate, PNG.
+
+A request takes a queue place only once its body is read and its references fetched, decoded and prepared, so a
+slow upload or fetch holds none. Decoded references are bounded across requests by a PixelBudget. On SIGTERM,
+drain() stops admission and answers everything in flight within the drain time (200, or 503 with Retry-After).
+"""
 
 from __future__ import annotations
 
@@ -7,21 +12,23 @@ import contextlib
 import dataclasses
 import io
 import logging
+import math
 import time
-from collections.abc import Iterator, Mapping
-from typing import Any
+from collections.abc import Awaitable, Iterator, Mapping
+from typing import Any, TypeVar
 
 from PIL import Image
 
 from server.errors import RequestError
 from server.fetch import ImageFetcher
 from server.forms import GenerateForm
-from server.images import decode_image
+from server.images import PixelBudget, decode_image, image_pixels
 from server.metrics import Metrics
 from server.settings import Settings
-from server.worker import DeviceWorker, Job, QueueFull, WorkerStopped
+from server.worker import DeviceWorker, Job, Overloaded, QueueFull, WorkerStopped
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclasses.dataclass
@@ -34,25 +41,26 @@ class Generated:
 
 
 class GenerateService:
-    """Owns the models' worker, the URI fetcher and the admission count of one app."""
+    """Owns the models' worker, the URI fetcher, the decoded-pixel budget and the drain of one app."""
 
     def __init__(self, models: Mapping[str, Any], settings: Settings, metrics: Metrics, fetcher: ImageFetcher):
         self.models = dict(models)
         self.settings = settings
         self.metrics = metrics
         self.fetcher = fetcher
-        self.admitted = 0  # requests between admission and answer; touched on the event loop only
         self.compiled_programs = 0
-        # Admission already bounds the requests in flight; the queue's own bound is the same capacity, so that an
-        # admitted request is never refused because its batch companions have not left the queue yet.
-        self.worker = DeviceWorker(self.models, max_queue=settings.capacity, max_batch=settings.max_batch,
+        self.budget = PixelBudget(settings.max_decoded_pixels)
+        self.worker = DeviceWorker(self.models, max_queue=settings.max_queue, max_batch=settings.max_batch,
                                    batch_wait_s=settings.batch_wait_ms / 1000.0, metrics=metrics,
                                    warm_up=self._compile_all)
+        self._drain_deadline: float | None = None  # perf_counter time, once drain() was called
+        self._drain_timer: asyncio.TimerHandle | None = None
+        self._drained = asyncio.Event()  # set at the drain deadline: whatever is still in flight answers 503
 
     @property
     def ready(self) -> bool:
-        """True once every program is compiled."""
-        return self.worker.ready.is_set()
+        """True once every program is compiled, while the worker runs and the server is not draining."""
+        return self.worker.ready.is_set() and self.worker.alive and self._drain_deadline is None
 
     async def start(self) -> None:
         """Opens the fetcher and starts the worker, which compiles in the background."""
@@ -61,8 +69,45 @@ class GenerateService:
 
     async def stop(self) -> None:
         """Stops the worker (waiting requests get 503) and closes the fetcher."""
-        await asyncio.to_thread(self.worker.stop)
+        # A batch still on the device (one that overran the drain time; its requests were answered 503) is waited
+        # for: the interpreter must not tear the runtime down under a running program (XLA aborts the process).
+        await asyncio.to_thread(self.worker.stop, self.settings.timeout_s)
         await self.fetcher.aclose()
+
+    def drain(self, timeout_s: float) -> None:
+        """Stops admitting (503) and answers what is in flight within timeout_s: queued and running requests get
+        their image if measured batch times say it can be ready in time, the rest a 503 with Retry-After. A second
+        call can only shorten the deadline. Called on the event loop (klein-serve's SIGTERM handler)."""
+        deadline = time.perf_counter() + timeout_s
+        if self._drain_deadline is not None and deadline >= self._drain_deadline:
+            return
+        self._drain_deadline = deadline
+        self.worker.drain(deadline)
+        if self._drain_timer is not None:
+            self._drain_timer.cancel()
+        self._drain_timer = asyncio.get_running_loop().call_later(timeout_s, self._drained.set)
+
+    async def until_drained(self, work: Awaitable[T]) -> T:
+        """The result of `work`, unless the drain deadline passes first: then `work` is cancelled and the answer is
+        a 503 with Retry-After."""
+        task = asyncio.ensure_future(work)
+        deadline = asyncio.ensure_future(self._drained.wait())
+        try:
+            await asyncio.wait((task, deadline), return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        finally:
+            deadline.cancel()
+        if task.done():
+            return task.result()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task  # its clean-up (the queued job removed) runs first
+        raise self._shutting_down()
+
+    def _shutting_down(self, detail: str = "the server is shutting down; retry shortly") -> RequestError:
+        return RequestError(503, detail, headers={"Retry-After": str(self.settings.retry_after_s)})
 
     def _compile_all(self) -> None:
         """Runs on the worker thread: every program for the enabled aspect ratios, then one 'ready' line."""
@@ -86,41 +131,34 @@ class GenerateService:
                  time.perf_counter() - start)
 
     def require_ready(self) -> None:
-        """RequestError 503 with Retry-After unless every program is compiled."""
+        """RequestError 503 with Retry-After unless every program is compiled and the server takes requests."""
         if self.ready:
             return
+        retry = {"Retry-After": str(self.settings.retry_after_not_ready_s)}
+        if self._drain_deadline is not None:
+            raise self._shutting_down()
         if self.worker.failure:
-            raise RequestError(503, "the model failed to load or compile; see the server log",
-                               headers={"Retry-After": str(self.settings.retry_after_not_ready_s)})
-        raise RequestError(503, "the server is starting: compiling programs; retry shortly",
-                           headers={"Retry-After": str(self.settings.retry_after_not_ready_s)})
+            raise RequestError(503, "the model failed to load or compile, or the device worker stopped; see the "
+                                    "server log", headers=retry)
+        if self.worker.ready.is_set():  # compiled, but the thread is gone
+            raise RequestError(503, "the device worker stopped; see the server log", headers=retry)
+        raise RequestError(503, "the server is starting: compiling programs; retry shortly", headers=retry)
 
-    @contextlib.contextmanager
-    def admission(self) -> Iterator[None]:
-        """Holds one of the `capacity` places for the whole request; 503 at once when none is free."""
-        if self.admitted >= self.settings.capacity:
-            raise self._busy()
-        self.admitted += 1
-        try:
-            yield
-        finally:
-            self.admitted -= 1
-
-    def _busy(self) -> RequestError:
-        return RequestError(503, f"the server is at capacity ({self.settings.max_queue} requests queued); "
-                                 "retry shortly", headers={"Retry-After": str(self.settings.retry_after_s)})
+    def _busy(self, depth: int, estimate_s: float | None = None) -> RequestError:
+        if estimate_s is None:
+            detail = (f"the server is at capacity: {depth} requests queued for the device, its limit "
+                      f"(--max-queue {self.settings.max_queue}); retry shortly")
+            retry_s = self.settings.retry_after_s
+        else:
+            detail = (f"the server is busy: {depth} requests queued for the device, about {estimate_s:.0f} s of "
+                      f"work with this one, more than the {self.settings.timeout_s:g} s limit; retry later")
+            retry_s = max(self.settings.retry_after_s, math.ceil(estimate_s - self.settings.timeout_s))
+        return RequestError(503, detail, headers={"Retry-After": str(retry_s)})
 
     async def generate(self, form: GenerateForm, timings: dict[str, float]) -> Generated:
         """The PNG for a valid form; fills `timings` (ms per stage) as it goes."""
-        references = await self._references(form, timings)
+        prepared = await self._prepare(form, timings)
         width, height = form.size
-        pipe = self.models[form.model]
-        with _timed(timings, "prepare"):
-            try:
-                prepared = await asyncio.to_thread(pipe.prepare, form.prompt, references, width=width,
-                                                   height=height, seed=form.seed)
-            except ValueError as e:  # the pipeline's own validation: a message for the client
-                raise RequestError(422, str(e)) from None
         image, batch_size = await self._run(form.model, prepared, timings)
         if image.size != (width, height):
             raise RuntimeError(f"the pipeline returned a {image.size} image for {width}x{height}")
@@ -128,25 +166,67 @@ class GenerateService:
             png = await asyncio.to_thread(_encode_png, image, self.settings.png_compress_level)
         return Generated(png=png, seed=int(prepared.seed), batch_size=batch_size)
 
-    async def _references(self, form: GenerateForm, timings: dict[str, float]) -> list[Image.Image]:
-        """Uploads then image_uris, decoded to RGB, in order."""
+    async def _prepare(self, form: GenerateForm, timings: dict[str, float]) -> Any:
+        """The pipeline's prepared request: references fetched, then decoded and prepared within the pixel budget."""
         with _timed(timings, "fetch"):
             fetched = await self.fetcher.fetch_all(form.image_uris)
         labelled = [(f"images[{i}] ({u.filename!r})", u.data) for i, u in enumerate(form.uploads)]
         labelled += [(f"image_uris[{i}]", data) for i, data in enumerate(fetched)]
+        max_pixels = self.settings.max_image_pixels
+        sizes = await asyncio.gather(*(asyncio.to_thread(image_pixels, data, max_pixels=max_pixels, label=label)
+                                       for label, data in labelled), return_exceptions=True)
+        for size in sizes:  # the first bad image in order, whichever thread finished first
+            if isinstance(size, BaseException):
+                raise size
+        held = await self._hold_pixels(sum(sizes))
+        # One thread decodes and prepares; the pixels are given back when it ends, even if the client went away.
+        work = asyncio.get_running_loop().run_in_executor(None, self._decode_and_prepare, form, labelled, timings)
+        work.add_done_callback(lambda _: self._release_pixels(held))
+        return await asyncio.shield(work)
+
+    async def _hold_pixels(self, pixels: int) -> int:
+        if not pixels:
+            return 0
+        try:
+            async with asyncio.timeout(self.settings.timeout_s):
+                held = await self.budget.acquire(pixels)
+        except TimeoutError:
+            raise RequestError(503, "the server is busy decoding other requests' images; retry shortly",
+                               headers={"Retry-After": str(self.settings.retry_after_s)}) from None
+        self.metrics.decoded_pixels.set(self.budget.used)
+        return held
+
+    def _release_pixels(self, held: int) -> None:
+        if held:
+            self.budget.release(held)
+            self.metrics.decoded_pixels.set(self.budget.used)
+
+    def _decode_and_prepare(self, form: GenerateForm, labelled: list[tuple[str, bytes]],
+                            timings: dict[str, float]) -> Any:
+        """On a thread: every reference decoded (uploads, then image_uris, in order), then pipe.prepare."""
         with _timed(timings, "decode"):
-            return list(await asyncio.gather(*(
-                asyncio.to_thread(decode_image, data, max_pixels=self.settings.max_image_pixels, label=label)
-                for label, data in labelled)))
+            references = [decode_image(data, max_pixels=self.settings.max_image_pixels, label=label)
+                          for label, data in labelled]
+        width, height = form.size
+        with _timed(timings, "prepare"):
+            try:
+                return self.models[form.model].prepare(
+                    form.prompt, references, width=width, height=height, seed=form.seed,
+                    **({"lora": form.lora, "lora_scale": form.lora_scale} if form.lora else {}))
+            except ValueError as e:  # the pipeline's own validation: a message for the client
+                raise RequestError(422, str(e)) from None
 
     async def _run(self, model_id: str, prepared: Any, timings: dict[str, float]) -> tuple[Image.Image, int]:
-        """Queues the request and waits for its image; 503 if the queue is full, 504 past timeout_s."""
+        """Queues the request and waits for its image: 503 at once if the queue is full or would take longer than
+        timeout_s by measured batch times, 504 past timeout_s."""
         try:
-            job = self.worker.submit(model_id, prepared)
+            job = self.worker.submit(model_id, prepared, max_wait_s=self.settings.timeout_s)
         except QueueFull:
-            raise self._busy() from None
+            raise self._busy(self.worker.depth) from None
+        except Overloaded as e:
+            raise self._busy(e.depth, e.estimate_s) from None
         except WorkerStopped as e:
-            raise RequestError(503, str(e), headers={"Retry-After": str(self.settings.retry_after_s)}) from None
+            raise self._shutting_down(str(e)) from None
         try:
             image = await asyncio.wait_for(job.future, self.settings.timeout_s)
         except TimeoutError:
@@ -154,7 +234,7 @@ class GenerateService:
             raise RequestError(504, f"generation (queue wait included) took longer than the server's limit of "
                                     f"{self.settings.timeout_s:g} s; retry later") from None
         except WorkerStopped as e:
-            raise RequestError(503, str(e), headers={"Retry-After": str(self.settings.retry_after_s)}) from None
+            raise self._shutting_down(str(e)) from None
         except asyncio.CancelledError:  # the client went away: do not run its work if it has not started
             self.worker.cancel(job)
             raise

@@ -30,20 +30,25 @@ class Settings:
     max_form_parts: int = 32
     max_image_bytes: int = 16 * 1024 * 1024  # per image: upload, fetched body or decoded data: URI
     max_image_pixels: int = 4096 * 4096
+    max_decoded_pixels: int = 4 * 4096 * 4096  # decoded reference pixels held by all requests at once
     fetch_timeout_s: float = 10.0  # per image_uris entry, redirects included
+    dns_servers: tuple[str, ...] = ()  # IP[:PORT] of the servers resolving image_uris hosts; () = resolv.conf
+    dns_timeout_s: float = 5.0  # per image_uris host look-up
+    drain_timeout_s: float = 30.0  # after SIGTERM: time to answer what is queued or running
     max_redirects: int = 3
     allow_hosts: tuple[str, ...] = ()  # host names image_uris may fetch whatever they resolve to
     allow_networks: tuple[IPNetwork, ...] = ()  # addresses image_uris may connect to even if private
     png_compress_level: int = 6  # zlib's default: level 1 saved ~50 ms of ~150 ms on a 1 MP image, doubling the file
     retry_after_s: int = 1  # Retry-After of a 503 for a full queue
     retry_after_not_ready_s: int = 5  # Retry-After of a 503 while programs compile
+    playground: bool = True  # the HTML page at / (False with --no-playground)
 
     def __post_init__(self):
         for name in ("max_queue", "max_batch", "max_body_bytes", "max_form_parts", "max_image_bytes",
                      "max_image_pixels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
-        for name in ("timeout_s", "fetch_timeout_s"):
+        for name in ("timeout_s", "fetch_timeout_s", "dns_timeout_s", "drain_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be positive")
         if self.batch_wait_ms < 0 or self.max_redirects < 0:
@@ -55,6 +60,9 @@ class Settings:
             raise ValueError(f"aspect ratio(s) {', '.join(unknown)} not one of {', '.join(ASPECT_RATIOS)}")
         if self.auth and not self.api_keys:
             raise ValueError("no API key configured: set KLEIN_API_KEYS or KLEIN_API_KEYS_FILE, or pass --no-auth")
+        if self.max_decoded_pixels < self.max_image_pixels:
+            raise ValueError(f"max_decoded_pixels={self.max_decoded_pixels} must be at least max_image_pixels="
+                             f"{self.max_image_pixels} (one image of the largest size)")
         if not 0 <= self.compile_references <= MAX_REFERENCES:
             raise ValueError(f"compile_references={self.compile_references} must be in 0..{MAX_REFERENCES}")
         if not 0 <= self.png_compress_level <= 9:
@@ -74,11 +82,6 @@ class Settings:
             sizes.add(size)
             size *= 2
         return tuple(sorted(sizes))
-
-    @property
-    def capacity(self) -> int:
-        """Requests admitted at once: the queue plus the batch on the device; past it, 503."""
-        return self.max_queue + self.max_batch
 
     @property
     def base_url(self) -> str:
@@ -108,6 +111,26 @@ def parse_networks(values: list[str]) -> tuple[IPNetwork, ...]:
             except ValueError:
                 raise ValueError(f"network {part!r} is not an IP address or CIDR block such as 10.0.0.0/8") from None
     return tuple(networks)
+
+
+def parse_dns_servers(value: str) -> tuple[str, ...]:
+    """'IP[:PORT],...' ('[v6]:PORT' for IPv6 with a port) -> the same strings, checked (ValueError if malformed)."""
+    servers = []
+    for part in filter(None, (p.strip() for p in value.split(","))):
+        host, port = part, "53"
+        if part.startswith("["):
+            host, _, rest = part[1:].partition("]")
+            port = rest[1:] if rest.startswith(":") else ("53" if not rest else "x")
+        elif part.count(":") == 1:
+            host, port = part.split(":")
+        try:
+            ipaddress.ip_address(host)
+            if not 0 < int(port) < 65536:
+                raise ValueError(port)
+        except ValueError:
+            raise ValueError(f"DNS server {part!r} is not IP, IP:PORT or [IPv6]:PORT") from None
+        servers.append(part)
+    return tuple(servers)
 
 
 def parse_hosts(values: list[str]) -> tuple[str, ...]:

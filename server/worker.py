@@ -3,6 +3,10 @@
 The event loop only enqueues and awaits futures; every model call (compile at start-up, run_batch per batch)
 runs on this thread. Requests whose pipeline batch_key is equal (same model, size and reference shapes) are
 run together, up to max_batch, waiting at most batch_wait_s for companions.
+
+Admission uses measured batch times (a moving average per batch key): a request that would wait past its time
+limit is refused at once instead of timing out later. A batch that raises, BaseException included, answers its
+requests with the error and the worker goes on; if the worker's own loop fails, `failure` says why.
 """
 
 from __future__ import annotations
@@ -20,13 +24,24 @@ from server.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
+_EMA_WEIGHT = 0.3  # of the newest batch time in the moving average
+
 
 class QueueFull(Exception):
     """The queue holds max_queue requests already."""
 
 
+class Overloaded(Exception):
+    """The queue would take longer than the request's time limit: `estimate_s` seconds for `depth` requests."""
+
+    def __init__(self, depth: int, estimate_s: float):
+        super().__init__(f"{depth} requests queued, about {estimate_s:.1f} s")
+        self.depth = depth
+        self.estimate_s = estimate_s
+
+
 class WorkerStopped(Exception):
-    """The worker is shutting down (or failed to start) and takes no more work."""
+    """The worker is shutting down (or failed) and takes no more work, or cannot finish this job in its drain time."""
 
 
 @dataclasses.dataclass(eq=False)
@@ -60,16 +75,25 @@ class DeviceWorker:
         self.metrics = metrics
         self.warm_up = warm_up
         self.ready = threading.Event()
-        self.failure: str | None = None  # set if warm-up raised
+        self.failure: str | None = None  # set if warm-up or the worker's loop raised
         self._queue: collections.deque[Job] = collections.deque()
         self._cond = threading.Condition()
         self._stopping = False
+        self._drain_deadline: float | None = None  # perf_counter time; set by drain()
+        self._running: tuple[Hashable, float, list[Job]] | None = None  # (key, start, jobs) of the batch running
+        self._batch_s: dict[Hashable, float] = {}  # moving average of batch times per key
+        self._any_batch_s: float | None = None  # the same over every key, for keys not run yet
         self._thread = threading.Thread(target=self._run, name="klein-device-worker", daemon=True)
 
     @property
     def depth(self) -> int:
         """Requests waiting (not yet running)."""
         return len(self._queue)
+
+    @property
+    def alive(self) -> bool:
+        """True while the thread runs."""
+        return self._thread.is_alive()
 
     def start(self) -> None:
         """Starts the thread; it compiles, sets `ready`, then serves the queue."""
@@ -88,15 +112,41 @@ class DeviceWorker:
         if self._thread.is_alive():
             self._thread.join(timeout_s)
 
-    def submit(self, model_id: str, prepared: Any) -> Job:
-        """Enqueues a request (from the event loop); QueueFull past max_queue, WorkerStopped when stopping."""
+    def drain(self, deadline_s: float) -> None:
+        """Takes no more jobs; queued ones run while they can finish by deadline_s (perf_counter time), as far as
+        measured batch times tell, and the others get WorkerStopped now."""
+        with self._cond:
+            self._drain_deadline = deadline_s
+            remaining = self._running_remaining_s(time.perf_counter())
+            finish = time.perf_counter() + (remaining or 0.0)
+            for batch, batch_s in self._plan(list(self._queue)):
+                if remaining is None or batch_s is None:
+                    break  # no measurement to judge by: the worker decides when it gets there
+                finish += batch_s
+                if finish > deadline_s:
+                    for job in batch:
+                        self._queue.remove(job)
+                        _deliver(job, _cannot_finish())
+            self._set_depth()
+            self._cond.notify_all()
+
+    def submit(self, model_id: str, prepared: Any, *, max_wait_s: float | None = None) -> Job:
+        """Enqueues a request (from the event loop). QueueFull when max_queue requests wait beyond a full batch
+        (queued plus running: max_queue + max_batch); Overloaded if measured batch times
+        say it would finish later than max_wait_s from now (never while the device is idle); WorkerStopped when
+        stopping or draining."""
         loop = asyncio.get_running_loop()
         job = Job(model_id, prepared, loop.create_future(), loop)
         with self._cond:
-            if self._stopping or self.failure:
+            if self._stopping or self.failure or self._drain_deadline is not None:
                 raise WorkerStopped("the server is shutting down")
-            if len(self._queue) >= self.max_queue:
+            running = len(self._running[2]) if self._running else 0
+            if len(self._queue) + running >= self.max_queue + self.max_batch:
                 raise QueueFull()
+            if max_wait_s is not None and (self._queue or self._running):
+                estimate = self._estimate_s(job)
+                if estimate is not None and estimate > max_wait_s:
+                    raise Overloaded(len(self._queue), estimate)
             self._queue.append(job)
             self._set_depth()
             self._cond.notify_all()
@@ -111,6 +161,52 @@ class DeviceWorker:
             self._set_depth()
             return True
 
+    # ---- estimates (called with the lock held) ----
+
+    def _limit(self, job: Job) -> int:
+        # Programs with references are compiled for batch size 1 only (service._compile_all): their requests rarely
+        # share reference shapes, and batch sizes multiply the start-up compile time. A pipeline sharded over several
+        # devices pads each batch to a multiple of its data axis (batch_multiple): those rows are filled if they can.
+        limit = 1 if job.prepared.references else self.max_batch
+        multiple = getattr(self.models[job.model_id], "batch_multiple", 1)
+        return -(-limit // multiple) * multiple
+
+    def _batch_time(self, key: Hashable) -> float | None:
+        return self._batch_s.get(key, self._any_batch_s)
+
+    def _plan(self, jobs: list[Job]) -> list[tuple[list[Job], float | None]]:
+        """The batches the worker would form from `jobs` in order, each with its expected time (None: unknown)."""
+        pending, plan = list(jobs), []
+        while pending:
+            first = pending[0]
+            batch = [job for job in pending if job.key == first.key][:self._limit(first)]
+            for job in batch:
+                pending.remove(job)
+            plan.append((batch, self._batch_time(first.key)))
+        return plan
+
+    def _running_remaining_s(self, now: float) -> float | None:
+        if self._running is None:
+            return 0.0
+        key, started, _ = self._running
+        batch_s = self._batch_time(key)
+        return None if batch_s is None else max(batch_s - (now - started), 0.0)
+
+    def _estimate_s(self, job: Job) -> float | None:
+        """Seconds from now until `job`, appended to the queue, would be done; None without measurements."""
+        total = self._running_remaining_s(time.perf_counter())
+        if total is None:
+            return None
+        for batch, batch_s in self._plan([*self._queue, job]):
+            if batch_s is None:
+                return None
+            total += batch_s
+            if job in batch:
+                break
+        return total
+
+    # ---- the thread ----
+
     def _run(self) -> None:
         try:
             self.warm_up()
@@ -119,8 +215,18 @@ class DeviceWorker:
             self.failure = f"{type(e).__name__}: {e}"
             return
         self.ready.set()
-        while (batch := self._next_batch()) is not None:
-            self._execute(batch)
+        try:
+            while (batch := self._next_batch()) is not None:
+                self._execute(batch)
+        except BaseException as e:  # noqa: BLE001 - a bug in the loop itself: stop taking work, say so in /readyz
+            log.exception("the device worker stopped")
+            with self._cond:
+                self.failure = f"{type(e).__name__}: {e}"
+                pending = list(self._queue)
+                self._queue.clear()
+                self._set_depth()
+            for job in pending:
+                _deliver(job, WorkerStopped("the device worker stopped; see the server log"))
 
     def _next_batch(self) -> list[Job] | None:
         """The oldest job and up to max_batch - 1 later ones with its key, waiting batch_wait_s for them."""
@@ -131,44 +237,77 @@ class DeviceWorker:
                 if self._stopping:
                     return None
                 key = self._queue[0].key
-                # Programs with references are compiled for batch size 1 only (service._compile_all): their
-                # requests rarely share reference shapes, and batch sizes multiply the start-up compile time.
-                limit = 1 if self._queue[0].prepared.references else self.max_batch
+                limit = self._limit(self._queue[0])
                 deadline = time.monotonic() + self.batch_wait_s
-                while self._count(key) < limit and not self._stopping:
+                while self._count(key) < limit and not self._stopping and self._drain_deadline is None:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         break
                     self._cond.wait(remaining)
                 batch = [job for job in self._queue if job.key == key][:limit]
-                if batch:  # empty if every job of that key was cancelled while we waited
-                    start = time.perf_counter()
+                for job in batch:
+                    self._queue.remove(job)
+                self._set_depth()
+                if not batch:
+                    continue  # every job of that key was cancelled while we waited
+                start = time.perf_counter()
+                batch_s = self._batch_time(key)
+                if self._drain_deadline is not None and batch_s is not None and start + batch_s > self._drain_deadline:
                     for job in batch:
-                        self._queue.remove(job)
-                        job.started_s = start
-                        job.batch_size = len(batch)
-                    self._set_depth()
-                    return batch
+                        _deliver(job, _cannot_finish())
+                    continue
+                for job in batch:
+                    job.started_s = start
+                    job.batch_size = len(batch)
+                self._running = (key, start, batch)
+                return batch
 
     def _count(self, key: tuple[str, Hashable]) -> int:
         return sum(1 for job in self._queue if job.key == key)
 
     def _execute(self, batch: list[Job]) -> None:
         self.metrics.batch_size.observe(len(batch))
+        pipe = self.models[batch[0].model_id]
+        compiled_before = getattr(pipe, "compile_count", None)
+        start = time.perf_counter()
         try:
-            images = self.models[batch[0].model_id].run_batch([job.prepared for job in batch])
+            images = pipe.run_batch([job.prepared for job in batch])
             if len(images) != len(batch):
                 raise RuntimeError(f"run_batch returned {len(images)} images for {len(batch)} requests")
             results: list[Any] = list(images)
         except Exception as e:  # noqa: BLE001 - each request answers 500 and logs it with its id
+            self.metrics.batch_failures.inc()
             results = [e] * len(batch)
+        except BaseException as e:  # noqa: BLE001 - not an Exception (an abort, SystemExit...): the thread goes on
+            log.exception("a batch of %d raised %s; its requests answer 500", len(batch), type(e).__name__)
+            self.metrics.batch_failures.inc()
+            results = [RuntimeError(f"the device worker's batch raised {type(e).__name__}")] * len(batch)
         finished = time.perf_counter()
+        # A batch that failed, or compiled a program on first use, is no measure of the next one.
+        measured = not isinstance(results[0], BaseException) and getattr(pipe, "compile_count", None) == compiled_before
+        self._done(batch[0].key, finished - start if measured else None)
         for job, result in zip(batch, results):
             job.finished_s = finished
             _deliver(job, result)
 
+    def _done(self, key: Hashable, seconds: float | None) -> None:
+        """The running batch is over (before its results are delivered): the device is idle for submit()."""
+        with self._cond:
+            self._running = None
+            if seconds is not None:
+                self._batch_s[key] = _average(self._batch_s.get(key), seconds)
+                self._any_batch_s = _average(self._any_batch_s, seconds)
+
     def _set_depth(self) -> None:
         self.metrics.queue_depth.set(len(self._queue))
+
+
+def _average(old: float | None, new: float) -> float:
+    return new if old is None else old + _EMA_WEIGHT * (new - old)
+
+
+def _cannot_finish() -> WorkerStopped:
+    return WorkerStopped("the server is shutting down and cannot run this request within its drain time")
 
 
 def _deliver(job: Job, result: Any) -> None:

@@ -114,3 +114,22 @@ def tiny_pipeline(tiny_checkpoint):
 def tiny_base_pipeline(tiny_base_checkpoint):
     """float32 KleinPipeline of tiny_base_checkpoint, loaded once."""
     return _tiny_pipeline(tiny_base_checkpoint)
+
+
+@pytest.fixture(scope="session")
+def tiny_kv_checkpoint(tmp_path_factory) -> TinyCheckpoint:
+    """A tiny klein-9B-shaped Flux2KleinKVPipeline (model_index.json without is_distilled, as FLUX.2-klein-9b-kv)."""
+    from tiny_pipeline import make_tiny_9b_pipeline
+
+    from convert.cli import main as convert_main
+
+    root = tmp_path_factory.mktemp("tiny-kv")
+    source = make_tiny_9b_pipeline(root / "diffusers", kv=True, seed=7)
+    assert convert_main([str(source), str(root / "klein"), "--dtype", "float32", "--no-progress"]) == 0
+    return TinyCheckpoint(source, root / "klein")
+
+
+@pytest.fixture(scope="session")
+def tiny_kv_pipeline(tiny_kv_checkpoint):
+    """float32 KleinPipeline of tiny_kv_checkpoint, loaded once."""
+    return _tiny_pipeline(tiny_kv_checkpoint)

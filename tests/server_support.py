@@ -78,9 +78,8 @@ class FakePipeline:
         check_prompt(prompt)
         check_size(width, height)
         check_reference_count(len(images))
+        images = [image.convert("RGB") for image in images]  # the server hands over references in their own mode
         for image in images:
-            if image.mode != "RGB":
-                raise ValueError(f"reference image mode {image.mode}, expected RGB")
             if min(image.size) < 64:
                 raise ValueError(f"reference image {image.size} is too small; both sides must be at least 64 px")
         seed = random.randrange(2**32) if seed is None else check_seed(seed)
@@ -280,16 +279,30 @@ class RecordingServer:
 # ---- klein-serve in a subprocess ----
 
 class ServerProcess:
-    """`python -m server ARGS` on 127.0.0.1 (port chosen by the server); logs go to files under log_dir."""
+    """`python -m server ARGS` on 127.0.0.1 (port chosen by the server); logs go to files under log_dir.
 
-    def __init__(self, args: Sequence[str], log_dir: pathlib.Path, env: dict | None = None):
+    launcher: the command before ARGS instead of `python -m server`, e.g. echo_server_command() (klein-serve with the
+    EchoPipeline); wait=False returns once the process is started (call wait_serving() later).
+    """
+
+    def __init__(self, args: Sequence[str], log_dir: pathlib.Path, env: dict | None = None,
+                 launcher: Sequence[str] | None = None, wait: bool = True):
         self.stdout_path = log_dir / "server.stdout"
         self.stderr_path = log_dir / "server.stderr"
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc = subprocess.Popen(
-            [PYTHON, "-m", "server", "--host", "127.0.0.1", "--port", "0", *args], cwd=REPO, env=full_env,
-            stdout=open(self.stdout_path, "wb"), stderr=open(self.stderr_path, "wb"))
+            [*(launcher or [PYTHON, "-m", "server"]), "--host", "127.0.0.1", "--port", "0", *args], cwd=REPO,
+            env=full_env, stdout=open(self.stdout_path, "wb"), stderr=open(self.stderr_path, "wb"))
+        self.base_url = self.wait_serving() if wait else None
+
+    def wait_serving(self) -> str:
+        """The base URL, once the log says the port is open."""
         self.base_url = self._wait_for_line(r"serving on (http://\S+)", timeout_s=240)
+        return self.base_url
+
+    @property
+    def port(self) -> int:
+        return int(self.base_url.rsplit(":", 1)[1])
 
     def stderr(self) -> str:
         return self.stderr_path.read_text(errors="replace")
@@ -324,6 +337,8 @@ class ServerProcess:
                 answers.append(answer)
                 if answer.status_code == 200 or until_any_answer:
                     return answers
+                if "failed" in answer.text:
+                    raise RuntimeError(f"start-up failed: {answer.text}\n{self.stderr()[-3000:]}")
                 time.sleep(0.2)
         raise TimeoutError(f"not ready after {timeout_s} s:\n{self.stderr()[-3000:]}")
 
@@ -345,3 +360,107 @@ def rss_bytes(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def vm_hwm_bytes(pid: int) -> int:
+    """Peak resident set size of a process so far, from /proc."""
+    for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmHWM for pid {pid}")
+
+
+# ---- klein-serve with a stand-in model, for the tests that need exact timings, faults or to see the references ----
+
+class InjectedFault(BaseException):
+    """What the EchoPipeline raises for the prompt 'fault:base': not an Exception, as a C extension's abort would be."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EchoPrepared:
+    prompt: str
+    width: int
+    height: int
+    seed: int
+    references: tuple  # preprocessed arrays (h, w, 3) in [-1, 1]
+
+    @property
+    def batch_key(self):
+        return self.width, self.height, tuple(r.shape for r in self.references)
+
+
+class EchoPipeline:
+    """The batch API of KleinPipeline, answering what it was given: references are preprocessed by
+    klein_jax.images (diffusers' order), and the image is the first reference pasted at the top-left of a black
+    canvas, or a grey of the seed without references. Each batch sleeps delay_s. The prompt 'fault:base' raises
+    InjectedFault, 'fault:error' a RuntimeError."""
+
+    def __init__(self, *, delay_s: float = 0.0, name: str = "echo"):
+        self.delay_s = delay_s
+        self.is_demo = False
+        self.model_info = {"name": name, "dtype": "float32", "is_distilled": True, "steps": 4}
+        self.compile_count = 0
+
+    def prepare(self, prompt, images=(), width=1024, height=1024, seed=None):
+        from klein_jax.images import preprocess_references
+
+        check_prompt(prompt)
+        check_size(width, height)
+        seed = random.randrange(2**32) if seed is None else check_seed(seed)
+        return EchoPrepared(prompt, width, height, seed, tuple(preprocess_references(list(images))))
+
+    def run_batch(self, prepared):
+        import numpy as np
+
+        time.sleep(self.delay_s)
+        for p in prepared:
+            if p.prompt == "fault:base":
+                raise InjectedFault("injected by the test")
+            if p.prompt == "fault:error":
+                raise RuntimeError("injected by the test")
+        images = []
+        for p in prepared:
+            canvas = np.full((p.height, p.width, 3), p.seed % 256, np.uint8)
+            if p.references:
+                pixels = reference_to_uint8(p.references[0])[:p.height, :p.width]
+                canvas[:pixels.shape[0], :pixels.shape[1]] = pixels
+            images.append(Image.fromarray(canvas))
+        return images
+
+    def compile(self, aspect_ratios="all", max_references=4, batch_sizes=(1,)):
+        return 1
+
+
+def reference_to_uint8(reference):
+    """A preprocessed reference ([-1, 1] floats) back to 8-bit pixels."""
+    import numpy as np
+
+    return np.clip(np.round((reference + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def echo_server_command(*, delay_s: float = 0.0, name: str = "echo") -> list[str]:
+    """The launcher of klein-serve serving an EchoPipeline as the default model id (see ServerProcess)."""
+    return [PYTHON, str(pathlib.Path(__file__).resolve()), "--delay-s", str(delay_s), "--name", name, "--"]
+
+
+def _serve_echo(argv: list[str]) -> int:
+    """python tests/server_support.py [--delay-s S] [--name NAME] -- KLEIN-SERVE ARGS: klein-serve's own main with
+    the EchoPipeline in place of --demo's model."""
+    import argparse
+
+    from server import __main__ as klein_serve
+    from server.settings import DEFAULT_MODEL_ID
+
+    split = argv.index("--")
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--delay-s", type=float, default=0.0)
+    parser.add_argument("--name", default="echo")
+    options = parser.parse_args(argv[:split])
+    pipe = EchoPipeline(delay_s=options.delay_s, name=options.name)
+    klein_serve._load_models = lambda args, sources: {DEFAULT_MODEL_ID: pipe}
+    return klein_serve.main(["--demo", *argv[split + 1:]])
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))  # this checkout's server, as `python -m server` from REPO would import
+    sys.exit(_serve_echo(sys.argv[1:]))

@@ -8,7 +8,7 @@ import pytest
 from nbclient import NotebookClient
 
 NOTEBOOKS = sorted((pathlib.Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
-TOPICS = ("text_to_image", "edit_and_multi_reference", "convert_and_inspect", "http_api")
+TOPICS = ("text_to_image", "edit_and_multi_reference", "convert_and_inspect", "http_api", "train_lora")
 
 
 def test_notebooks_exist():

@@ -116,8 +116,9 @@ def test_prepared_requests(demo):
     assert request.batch_key != demo.prepare("a cat", [random_image(80, 64)], 1344, 768).batch_key
     assert request.batch_key != demo.prepare("a cat", width=1344, height=768).batch_key
     assert 0 <= demo.prepare("a cat").seed < 2**32
-    assert demo.is_demo and demo.model_info == {"name": "flux2-klein-demo", "dtype": "float32", "is_distilled": True,
-                                                "steps": 4, "guidance_scale": None, "is_demo": True}
+    assert demo.is_demo and demo.model_info == {"name": "flux2-klein-demo", "dtype": "float32", "variant": "distilled",
+                                                "is_distilled": True, "steps": 4, "guidance_scale": None,
+                                                "is_demo": True, "mesh": {"data": 1, "model": 1}}
     with pytest.raises(ValueError, match="share a batch_key"):
         demo.run_batch([request, demo.prepare("a cat", width=1344, height=768)])
 

@@ -33,7 +33,7 @@ class _EchoTransformer:
     def __init__(self, dtype):
         self.dtype = jnp.dtype(dtype)
 
-    def __call__(self, x, text, sigma, img_ids, text_ids, kv_lengths=None):
+    def __call__(self, x, text, sigma, img_ids, text_ids, kv_lengths=None, cached_kv=None):
         return text[:, : x.shape[1], : x.shape[2]]  # (2B, T, C) -> (2B, L, C)
 
 

@@ -256,7 +256,7 @@ def test_openapi_documents_every_route_and_status(client):
     post = doc["paths"]["/v1/generate"]["post"]
     assert set(post["responses"]) == {"200", "401", "405", "408", "413", "422", "500", "503", "504"}
     multipart = post["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]
-    assert set(multipart) == {"prompt", "model", "aspect_ratio", "images", "image_uris", "seed"}
+    assert set(multipart) == {"prompt", "model", "aspect_ratio", "images", "image_uris", "seed", "lora", "lora_scale"}
     assert multipart["aspect_ratio"]["enum"] == list(ASPECT_RATIOS)
 
 

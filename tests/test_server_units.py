@@ -14,12 +14,12 @@ from klein_jax.aspect_ratios import ASPECT_RATIOS
 from server import __main__ as cli
 from server.auth import ApiKeys, parse_api_keys
 from server.errors import RequestError
-from server.fetch import AddressPolicy, decode_data_uri, forbidden_reason
+from server.fetch import AddressPolicy, _ip_literal, decode_data_uri, forbidden_reason
 from server.forms import GenerateForm, validate_form
-from server.images import decode_image
+from server.images import PixelBudget, decode_image
 from server.metrics import Metrics
-from server.settings import Settings, parse_aspect_ratios, parse_hosts, parse_networks
-from server.worker import DeviceWorker, QueueFull
+from server.settings import Settings, parse_aspect_ratios, parse_dns_servers, parse_hosts, parse_networks
+from server.worker import DeviceWorker, Overloaded, QueueFull, WorkerStopped
 
 SETTINGS = Settings(api_keys=("k",), aspect_ratios=("square", "landscape", "wide"))
 MODELS = ("flux2-klein-4b", "other")
@@ -57,6 +57,25 @@ def test_api_key_check_accepts_every_configured_key(header):
 
 def test_api_keys_repr_hides_the_keys():
     assert "secret" not in repr(ApiKeys(["secret-1"])) and "1 keys" in repr(ApiKeys(["secret-1"]))
+
+
+@pytest.mark.parametrize("env, file_text, where", [
+    ("ok,has space", None, "KLEIN_API_KEYS entry 2"), ("clé", None, "KLEIN_API_KEYS entry 1"),
+    (None, "# keys\nok\nquote\"d", "KLEIN_API_KEYS_FILE line 3"), ("a=b", None, "KLEIN_API_KEYS entry 1"),
+])
+def test_parse_api_keys_refuses_keys_a_bearer_header_cannot_carry(env, file_text, where):
+    with pytest.raises(ValueError, match="RFC 6750") as info:
+        parse_api_keys(env, file_text)
+    assert where in str(info.value) and "space" not in str(info.value) and "clé" not in str(info.value)
+    assert parse_api_keys("tok-EN_1.2~+/==", None) == ("tok-EN_1.2~+/==",)
+
+
+def test_api_keys_replace():
+    keys = ApiKeys(["old"])
+    keys.replace(["new"])
+    keys.check("Bearer new")
+    with pytest.raises(RequestError):
+        keys.check("Bearer old")
 
 
 # ---- settings ----
@@ -174,6 +193,23 @@ def test_address_policy_allow_lists():
     assert policy.check("x", "93.184.215.14") is None
 
 
+def test_parse_dns_servers():
+    assert parse_dns_servers("1.1.1.1, 127.0.0.1:5353,::1,[::1]:53") == ("1.1.1.1", "127.0.0.1:5353", "::1",
+                                                                          "[::1]:53")
+    assert parse_dns_servers("") == ()
+    for bad in ("dns.example", "1.1.1.1:0", "1.1.1.1:x", "[::1]x"):
+        with pytest.raises(ValueError, match="is not IP, IP:PORT"):
+            parse_dns_servers(bad)
+
+
+@pytest.mark.parametrize("host, address", [
+    ("127.1", "127.0.0.1"), ("2130706433", "127.0.0.1"), ("0x7f.1", "127.0.0.1"), ("::1", "::1"),
+    ("10.0.0.1", "10.0.0.1"), ("cafe.be", None), ("example.com", None), ("1.2.3.4.5", None),
+])
+def test_ip_literals_include_the_legacy_ipv4_forms(host, address):
+    assert _ip_literal(host) == address
+
+
 def test_decode_data_uri():
     assert decode_data_uri("data:image/png;base64,aGVsbG8=", max_bytes=10, label="u") == b"hello"
     assert decode_data_uri("DATA:image/jpeg;name=a.jpg;base64,aGVs\nbG8=", max_bytes=10, label="u") == b"hello"
@@ -188,11 +224,34 @@ def test_decode_data_uri():
 
 # ---- image decoding ----
 
-def test_decode_image_converts_modes_to_rgb():
-    for data in (png_bytes(), png_bytes(mode="RGBA", color=(1, 2, 3, 4)), png_bytes(mode="L", color=7),
-                 png_bytes(mode="P", color=3), jpeg_bytes()):
+def test_decode_image_keeps_the_mode_but_reduces_16_bit_grey():
+    # klein_jax.images converts to RGB after resizing, as diffusers does; only 16-bit grey is reduced here.
+    for data, mode in ((png_bytes(), "RGB"), (png_bytes(mode="RGBA", color=(1, 2, 3, 4)), "RGBA"),
+                       (png_bytes(mode="L", color=7), "L"), (png_bytes(mode="P", color=3), "P"), (jpeg_bytes(), "RGB")):
         image = decode_image(data, max_pixels=10_000, label="x")
-        assert image.mode == "RGB" and image.size == (96, 64)
+        assert image.mode == mode and image.size == (96, 64)
+    grey = decode_image(png_bytes(mode="I;16", color=0xABCD), max_pixels=10_000, label="x")
+    assert grey.mode == "L" and grey.getpixel((0, 0)) == 0xAB
+
+
+def test_pixel_budget_waits_in_order_and_gives_back_on_cancel():
+    async def go():
+        budget = PixelBudget(100)
+        assert await budget.acquire(500) == 100  # capped to the whole budget: one image of any allowed size fits
+        budget.release(100)
+        assert await budget.acquire(60) == 60
+        big = asyncio.ensure_future(budget.acquire(100))
+        small = asyncio.ensure_future(budget.acquire(10))  # would fit, but waits behind `big`: first come first served
+        cancelled = asyncio.ensure_future(budget.acquire(30))
+        await asyncio.sleep(0)
+        assert not big.done() and not small.done()
+        cancelled.cancel()
+        budget.release(60)
+        assert await big == 100 and not small.done() and budget.used == 100
+        budget.release(100)
+        assert await small == 10 and budget.used == 10 and not budget._waiters
+
+    asyncio.run(go())
 
 
 def test_decode_image_applies_exif_orientation():
@@ -283,6 +342,70 @@ def test_worker_queue_is_bounded_and_cancelled_jobs_never_run():
     asyncio.run(go())
     worker.stop()
     assert [[p.prompt for p in b] for b in pipe.batches] == [["running"], ["q1"]]
+
+
+def test_worker_admits_only_what_can_finish_in_time():
+    pipe = FakePipeline(delay_s=0.4)
+    worker = _worker(pipe, max_queue=8, max_batch=1, batch_wait_s=0.0)
+
+    async def go():
+        await worker.submit("m", pipe.prepare("measure", seed=0), max_wait_s=1.0).future  # one measured batch
+        running = worker.submit("m", pipe.prepare("running", seed=1), max_wait_s=1.0)
+        await asyncio.to_thread(time.sleep, 0.05)
+        queued = worker.submit("m", pipe.prepare("queued", seed=2), max_wait_s=1.0)  # ~0.35 + 0.4 s: in time
+        with pytest.raises(Overloaded) as info:  # ~0.35 + 2 x 0.4 s > 1 s
+            worker.submit("m", pipe.prepare("late", seed=9), max_wait_s=1.0)
+        assert info.value.depth == 1 and 1.0 < info.value.estimate_s < 1.6, info.value.estimate_s
+        await asyncio.gather(running.future, queued.future)
+        worker.submit("m", pipe.prepare("idle", seed=5), max_wait_s=0.01)  # an idle device takes anything
+
+    asyncio.run(go())
+    worker.stop()
+
+
+def test_worker_drain_refuses_what_cannot_finish_and_runs_the_rest():
+    pipe = FakePipeline(delay_s=0.3)
+    worker = _worker(pipe, max_queue=8, max_batch=1, batch_wait_s=0.0)
+
+    async def go():
+        await worker.submit("m", pipe.prepare("measure", seed=0)).future
+        jobs = [worker.submit("m", pipe.prepare(f"p{i}", seed=i)) for i in range(4)]
+        await asyncio.to_thread(time.sleep, 0.05)
+        worker.drain(time.perf_counter() + 0.8)  # room for the running one (0.25 s left) and one more
+        with pytest.raises(WorkerStopped):
+            worker.submit("m", pipe.prepare("new", seed=7))
+        return await asyncio.gather(*(job.future for job in jobs), return_exceptions=True)
+
+    results = asyncio.run(go())
+    worker.stop()
+    assert [type(r).__name__ for r in results] == ["Image", "Image", "WorkerStopped", "WorkerStopped"]
+    assert "drain time" in str(results[2])
+
+
+def test_worker_survives_a_batch_that_raises_a_base_exception():
+    class Abort(BaseException):
+        pass
+
+    pipe = FakePipeline(error=Abort("no"))
+    worker = _worker(pipe, max_batch=1)
+
+    async def go():
+        with pytest.raises(RuntimeError, match="batch raised Abort"):
+            await worker.submit("m", pipe.prepare("a", seed=1)).future
+        pipe.error = None
+        return await worker.submit("m", pipe.prepare("b", seed=2)).future
+
+    assert asyncio.run(go()).size == (1024, 1024) and worker.alive
+    assert worker.metrics.batch_failures._value.get() == 1
+    worker.stop()
+
+
+def test_metrics_count_unknown_methods_as_other():
+    metrics = Metrics()
+    for method in ("GET", "BREW", "PROPFIND", "get"):
+        metrics.count_request("/healthz", method, 200)
+    text = metrics.render()[0].decode()
+    assert 'method="other",route="/healthz",status="200"} 3.0' in text and "BREW" not in text
 
 
 def test_worker_failed_warm_up_is_reported():

@@ -25,6 +25,8 @@ import numpy as np
 import torch
 
 from klein_jax.configs import (
+    TINY_9B_TEXT_ENCODER,
+    TINY_9B_TRANSFORMER,
     TINY_TEXT_ENCODER,
     TINY_TRANSFORMER,
     TINY_VAE,
@@ -264,3 +266,60 @@ def make_bfl_transformer_file(diffusers_transformer_state_dict: Mapping[str, tor
     save_file(tensors, str(path))
     return path
 
+
+
+# ------------------------------------------------------------------------ klein-9B shapes and the KV pipeline
+
+
+def tiny_untied_text_encoder(config: TextEncoderConfig = TINY_9B_TEXT_ENCODER, *, seed: int = 0):
+    """A transformers Qwen3ForCausalLM with its own lm_head (tie_word_embeddings=False, as Qwen3-8B)."""
+    from transformers import Qwen3ForCausalLM
+
+    qwen3 = qwen3_config(config)
+    qwen3.tie_word_embeddings = False
+    torch.manual_seed(seed)
+    model = Qwen3ForCausalLM(qwen3).eval()
+    _randomise_(model, torch.Generator().manual_seed(seed + 1))
+    return model
+
+
+def make_tiny_9b_pipeline(path: str | os.PathLike, *, kv: bool = False, distilled: bool = True,
+                          seed: int = 0) -> pathlib.Path:
+    """Saves a random klein-9B-shaped pipeline at `path` as the hub does; returns path.
+
+    TINY_9B_TRANSFORMER and TINY_9B_TEXT_ENCODER (untied lm_head, grouped-query attention 4:1 as Qwen3-8B), the
+    tiny VAE, reference-sensitive gains (REFERENCE_GAINS) and a sharded text encoder. kv: a Flux2KleinKVPipeline
+    (model_index.json without is_distilled, as FLUX.2-klein-9b-kv); otherwise a Flux2KleinPipeline.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinKVPipeline, Flux2KleinPipeline
+    from transformers import AutoTokenizer
+
+    from klein_jax.demo_tokenizer import build_demo_tokenizer, save_tokenizer_folder
+
+    path = pathlib.Path(path)
+    text_config = TINY_9B_TEXT_ENCODER
+    tokenizer_folder = save_tokenizer_folder(path / "tokenizer", build_demo_tokenizer(text_config.vocab_size))
+    modules = dict(
+        scheduler=FlowMatchEulerDiscreteScheduler(**KLEIN_SCHEDULER_CONFIG),
+        vae=tiny_vae(TINY_VAE, seed=seed),
+        text_encoder=tiny_untied_text_encoder(text_config, seed=seed),
+        tokenizer=AutoTokenizer.from_pretrained(tokenizer_folder),
+        transformer=tiny_transformer(TINY_9B_TRANSFORMER, seed=seed),
+    )
+    pipeline = Flux2KleinKVPipeline(**modules) if kv else Flux2KleinPipeline(**modules, is_distilled=distilled)
+    pipeline.save_pretrained(path)
+    (path / "text_encoder" / "model.safetensors").unlink()
+    shard_bytes = sum(p.numel() * p.element_size() for p in pipeline.text_encoder.parameters()) // 2 + 1
+    pipeline.text_encoder.save_pretrained(path / "text_encoder", max_shard_size=shard_bytes)
+    index_path = path / "model_index.json"
+    index = json.loads(index_path.read_text())
+    index[OUT_LAYERS_KEY] = list(text_config.out_layers)
+    index_path.write_text(json.dumps(index, indent=2) + "\n")
+    return path
+
+
+def load_any_reference_pipeline(path: str | os.PathLike):
+    """The diffusers pipeline saved at `path`, of the class its model_index.json names, float32 on CPU."""
+    from diffusers import DiffusionPipeline
+
+    return DiffusionPipeline.from_pretrained(path, dtype=torch.float32)

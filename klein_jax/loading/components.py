@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from klein_jax.configs import Variant
+from klein_jax import sharding
 from klein_jax.loading import checkpoint
 from klein_jax.loading.modules import COMPONENTS, abstract_module, dtype_name, expected_params, parse_dtype
 from klein_jax.loading.source import PARAMS_DIR, ConversionError, Source, open_source
@@ -36,23 +38,31 @@ class Components:
     text_encoder: Qwen3TextEncoder
     tokenizer: PromptTokenizer
     scheduler_config: dict[str, Any]
-    is_distilled: bool
+    variant: Variant  # from model_index.json's _class_name and is_distilled
     dtype: Any
 
+    @property
+    def is_distilled(self) -> bool:
+        return self.variant.is_distilled
 
-def _load_module(source: Source, name: str, config: Any, dtype: Any):
+
+def _load_module(source: Source, name: str, config: Any, dtype: Any, mesh):
     abstract = abstract_module(name, config, dtype)
+    shardings = None if mesh is None else sharding.param_shardings(name, expected_params(abstract), mesh)
     if source.kind == "converted":
-        return checkpoint.restore_module(source.folder / name / PARAMS_DIR, abstract)
+        return checkpoint.restore_module(source.folder / name / PARAMS_DIR, abstract, sharding=shardings)
     check_component(source, name, config, dtype)
-    return load_component(name, config, source.tensors(name), dtype)
+    return load_component(name, config, source.tensors(name), dtype, shardings=shardings)
 
 
 def load_components(source: str | os.PathLike, dtype: Any = "bfloat16", *,
-                    transformer_file: str | os.PathLike | None = None, revision: str | None = None) -> Components:
+                    transformer_file: str | os.PathLike | None = None, revision: str | None = None,
+                    mesh=None) -> Components:
     """Loads a klein-convert folder, a diffusers pipeline folder or a hub id into modules of `dtype`.
 
-    Raises one of SOURCE_ERRORS (ValueErrors with a readable message) for a bad source.
+    mesh: a jax.sharding.Mesh (klein_jax.sharding.make_mesh): every parameter is placed shard by shard as
+    klein_jax.sharding.PARTITION_RULES says, straight from the checkpoint. Raises one of SOURCE_ERRORS (ValueErrors
+    with a readable message) for a bad source, ValueError for a model axis that does not divide the model.
     """
     dtype = parse_dtype(dtype)
     src = open_source(source, transformer_file=transformer_file, revision=revision)
@@ -63,14 +73,16 @@ def load_components(source: str | os.PathLike, dtype: Any = "bfloat16", *,
     except ValueError as e:
         raise ConversionError(f"{src.folder / 'scheduler' / 'scheduler_config.json'}: {e}") from None
     tokenizer = src.tokenizer()
+    for name in COMPONENTS if mesh is not None else ():
+        sharding.check_model_axis(name, configs[name], mesh)
     modules = {}
     for name in COMPONENTS:
         start = time.perf_counter()
-        modules[name] = _load_module(src, name, configs[name], dtype)
+        modules[name] = _load_module(src, name, configs[name], dtype, mesh)
         count = sum(int(np.prod(s)) for s, _ in expected_params(modules[name]).values())
         log.info("loaded %s: %.3gM params %s in %.1f s", name, count / 1e6, dtype_name(dtype),
                  time.perf_counter() - start)
     return Components(
         transformer=modules["transformer"], vae=modules["vae"], text_encoder=modules["text_encoder"],
-        tokenizer=tokenizer, scheduler_config=scheduler_config, is_distilled=src.is_distilled, dtype=dtype,
+        tokenizer=tokenizer, scheduler_config=scheduler_config, variant=src.variant, dtype=dtype,
     )

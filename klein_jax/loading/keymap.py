@@ -70,6 +70,7 @@ def map_weights(
     *,
     dtype: Any = None,
     on_tensor: Callable[[str], None] | None = None,
+    place: Callable[[Path, np.ndarray, Any], Any] | None = None,
 ) -> dict[Path, np.ndarray]:
     """Applies `rules` to `tensors`, tensor by tensor; returns {path: array} covering `expected` exactly.
 
@@ -78,6 +79,8 @@ def map_weights(
       expected: path -> (shape, dtype) of every model parameter (from `expected_params`).
       dtype: cast each tensor to this dtype as soon as it is read (None keeps the model's dtype).
       on_tensor: called with each source key after it is mapped (progress).
+      place: place(path, array, dtype) -> the stored value instead of a host copy cast to dtype (e.g. device
+        shards sliced from the memory-mapped tensor, klein_jax.sharding.put).
     """
     rules = tuple(rules)
     out: dict[Path, np.ndarray] = {}
@@ -109,7 +112,8 @@ def map_weights(
             if path in out:
                 duplicate.append(f"{_format(path)} (again from {key})")
                 continue
-            out[path] = np.asarray(array, dtype=dtype or want_dtype)
+            want_dtype = dtype or want_dtype
+            out[path] = np.asarray(array, dtype=want_dtype) if place is None else place(path, array, want_dtype)
         if on_tensor is not None:
             on_tensor(key)
     if ambiguous:

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from klein_jax.configs import TextEncoderConfig
+from klein_jax.configs import TextEncoderConfig, Variant
 from klein_jax.loading import hub
 from klein_jax.loading.keymap import KeyRule, WeightMappingError
 from klein_jax.loading.keymaps.bfl import COMFY_PREFIX, bfl_to_diffusers, is_bfl_layout
@@ -37,6 +37,28 @@ DEFAULT_OUT_LAYERS = TextEncoderConfig().out_layers
 
 class ConversionError(ValueError):
     """A source that cannot be converted or loaded; the message says what and where."""
+
+
+# model_index.json `_class_name` of the pipelines klein-jax runs (shared/spec/interfaces.md, "Model variants").
+KLEIN_PIPELINE = "Flux2KleinPipeline"
+KLEIN_KV_PIPELINE = "Flux2KleinKVPipeline"
+SUPPORTED_PIPELINES = (f"{KLEIN_PIPELINE} (FLUX.2 [klein] 4B/9B, distilled or base), "
+                       f"{KLEIN_KV_PIPELINE} (FLUX.2 [klein] 9B KV)")
+
+
+def pipeline_variant(model_index: Mapping[str, Any], path: os.PathLike | str) -> Variant:
+    """The variant of a model_index.json (read from `path`): its `_class_name`, then `is_distilled`.
+
+    Any other pipeline class (FLUX.2 [dev]'s Flux2Pipeline, the inpainting pipeline, ...) is a ConversionError: a
+    checkpoint must never run as a variant it is not (a KV folder has no `is_distilled` and would run as base).
+    """
+    name = model_index.get("_class_name")
+    if name == KLEIN_PIPELINE:
+        return Variant.DISTILLED if model_index.get("is_distilled", False) else Variant.BASE
+    if name == KLEIN_KV_PIPELINE:
+        return Variant.KV
+    got = "has no _class_name" if name is None else f"has _class_name {name!r}"
+    raise ConversionError(f"{path} {got}: klein-jax runs only {SUPPORTED_PIPELINES}")
 
 
 # Every error a bad source can raise; entry points turn these into one line and exit status 1.
@@ -83,8 +105,12 @@ class Source:
     partial_shards: bool = False  # hub snapshots may lack text-encoder shards of unused layers
 
     @property
+    def variant(self) -> Variant:
+        return pipeline_variant(self.model_index, self.folder / "model_index.json")
+
+    @property
     def is_distilled(self) -> bool:
-        return bool(self.model_index.get("is_distilled", False))
+        return self.variant.is_distilled
 
     @property
     def out_layers(self) -> tuple[int, ...]:
@@ -146,6 +172,7 @@ def _kept_by(rules: tuple[KeyRule, ...]) -> Callable[[str], bool]:
 def _download(repo_id: str, *, with_transformer: bool, revision: str | None) -> pathlib.Path:
     folder = hub.download_metadata(repo_id, revision=revision)
     index = _read_json(folder / "model_index.json")
+    pipeline_variant(index, f"{repo_id}: model_index.json")  # before any weight is downloaded
     text_config = _read_json(folder / "text_encoder" / CONFIG_FILE)
     try:
         out_layers = tuple(index.get(OUT_LAYERS_KEY, DEFAULT_OUT_LAYERS))
@@ -181,10 +208,13 @@ def open_source(source: str | os.PathLike, *, transformer_file: str | os.PathLik
         if manifest.get("format_version") != FORMAT_VERSION:
             raise ConversionError(f"{folder / MANIFEST}: format_version {manifest.get('format_version')!r}, "
                                   f"this klein-jax reads {FORMAT_VERSION}")
-        return Source("converted", folder, os.fspath(source), _read_json(folder / "model_index.json"),
-                      manifest=manifest)
-    if (folder / "model_index.json").is_file():
-        return Source("diffusers", folder, os.fspath(source), _read_json(folder / "model_index.json"),
-                      transformer_file=transformer_file, partial_shards=partial)
-    raise ConversionError(f"unknown source layout: {folder} has neither {MANIFEST} (klein-convert output) "
-                          "nor model_index.json (diffusers pipeline)")
+        src = Source("converted", folder, os.fspath(source), _read_json(folder / "model_index.json"),
+                     manifest=manifest)
+    elif (folder / "model_index.json").is_file():
+        src = Source("diffusers", folder, os.fspath(source), _read_json(folder / "model_index.json"),
+                     transformer_file=transformer_file, partial_shards=partial)
+    else:
+        raise ConversionError(f"unknown source layout: {folder} has neither {MANIFEST} (klein-convert output) "
+                              "nor model_index.json (diffusers pipeline)")
+    pipeline_variant(src.model_index, folder / "model_index.json")  # other pipeline classes stop here
+    return src

@@ -7,11 +7,13 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
+from jax.sharding import Sharding
 
 from klein_jax.loading.keymap import Path, WeightMappingError, map_weights
 from klein_jax.loading.keymaps.bfl import BFLTransformer
 from klein_jax.loading.modules import KINDS, abstract_module, expected_params, fill_module
 from klein_jax.loading.source import Source
+from klein_jax.sharding import put
 
 
 def _copying(transform: Callable[[np.ndarray], Any]) -> Callable[[np.ndarray], Any]:
@@ -47,12 +49,23 @@ def check_component(source: Source, name: str, config: Any, dtype: Any) -> int:
 
 
 def component_params(name: str, config: Any, tensors: Mapping[str, np.ndarray], dtype: Any, *,
-                     on_tensor: Callable[[str], None] | None = None) -> dict[Path, np.ndarray]:
+                     on_tensor: Callable[[str], None] | None = None,
+                     shardings: Mapping[Path, Sharding] | None = None) -> dict[Path, Any]:
     """Diffusers-named `tensors` of component `name` -> its parameters (path -> host array in the module's dtypes),
-    read and cast tensor by tensor through the component's key map."""
+    read and cast tensor by tensor through the component's key map.
+
+    With `shardings` (path -> sharding) each parameter is a device array instead: every device reads and casts only
+    its own slice of the memory-mapped tensor (klein_jax.sharding.put), so no weight is whole in host memory.
+    """
     expected = expected_params(abstract_module(name, config, dtype))
-    rules = tuple(dataclasses.replace(r, transform=_copying(r.transform)) for r in KINDS[name].rules(config))
-    return map_weights(tensors, rules, expected, on_tensor=on_tensor)
+    if shardings is None:
+        rules = tuple(dataclasses.replace(r, transform=_copying(r.transform)) for r in KINDS[name].rules(config))
+        return map_weights(tensors, rules, expected, on_tensor=on_tensor)
+
+    def place(path: Path, array: np.ndarray, dtype: Any):
+        return put(array, shardings[path], cast=lambda piece: np.asarray(piece, dtype=dtype))
+
+    return map_weights(tensors, KINDS[name].rules(config), expected, on_tensor=on_tensor, place=place)
 
 
 def convert_component(source: Source, name: str, config: Any, dtype: Any, *,
@@ -61,6 +74,9 @@ def convert_component(source: Source, name: str, config: Any, dtype: Any, *,
     return component_params(name, config, source.tensors(name), dtype, on_tensor=on_tensor)
 
 
-def load_component(name: str, config: Any, tensors: Mapping[str, np.ndarray], dtype: Any):
-    """The module of component `name`, built abstractly and filled from its diffusers-named `tensors`."""
-    return fill_module(abstract_module(name, config, dtype), component_params(name, config, tensors, dtype))
+def load_component(name: str, config: Any, tensors: Mapping[str, np.ndarray], dtype: Any, *,
+                   shardings: Mapping[Path, Sharding] | None = None):
+    """The module of component `name`, built abstractly and filled from its diffusers-named `tensors` (placed
+    shard by shard with `shardings`, see component_params)."""
+    params = component_params(name, config, tensors, dtype, shardings=shardings)
+    return fill_module(abstract_module(name, config, dtype), params)

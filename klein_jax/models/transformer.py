@@ -2,7 +2,9 @@
 
 Forward pass of klein.md §2: timestep embedding -> three shared modulations -> input projections -> double-stream
 blocks (joint attention, text first) -> single-stream blocks on [text, image] -> AdaLN output (scale, shift) ->
-proj_out. Guidance embedding and the KV-cache modes of diffusers are not ported (klein has neither in this path).
+proj_out. klein has no guidance embedding. diffusers' KV-cache modes (klein-9B KV) are klein_jax/models/kv_cache.py:
+`reference_kv` ("extract": the references' keys and values) and `cached_kv` here ("cached": attended after the
+sequence's own keys).
 
 Precision follows diffusers' cast order: the timestep is cast to the compute dtype and multiplied by 1000 there
 (rounded explicitly, see round_to_dtype: in bf16 sigma 0.73 embeds as 732, as in diffusers), the sinusoid and RoPE
@@ -20,6 +22,7 @@ import numpy as np
 from flax import nnx
 
 from klein_jax.configs import TransformerConfig
+from klein_jax.models.kv_cache import ReferenceKV
 from klein_jax.models.layers import attention_implementation, layer_norm
 from klein_jax.models.rope import rope_tables
 from klein_jax.models.transformer_blocks import Flux2SingleTransformerBlock, Flux2TransformerBlock, bias_free_linear
@@ -143,13 +146,15 @@ class Flux2Transformer(nnx.Module):
         return self.time_guidance_embed(round_to_dtype(sigma * 1000, self.dtype).astype(self.dtype))
 
     def __call__(self, hidden_states: jax.Array, encoder_hidden_states: jax.Array, timestep: jax.Array,
-                 img_ids: jax.Array, txt_ids: jax.Array, kv_lengths: jax.Array | None = None) -> jax.Array:
+                 img_ids: jax.Array, txt_ids: jax.Array, kv_lengths: jax.Array | None = None,
+                 cached_kv: ReferenceKV | None = None) -> jax.Array:
         """Velocity (B, L, C_out) from latents (B, L, C_in), text features (B, T, joint), sigma (B,) in [0, 1].
 
         img_ids (L, 4) and txt_ids (T, 4) are (t, h, w, l) positions shared by the batch; as in diffusers, 3-D ids
         (B, S, 4) are accepted and only batch row 0 is used. kv_lengths (B,) int32, optional: only the first
         kv_lengths[b] tokens of the joint [text, image] sequence are attention keys, so image tokens padded at the
-        end change no other token (their own outputs are meaningless).
+        end change no other token (their own outputs are meaningless). cached_kv: reference keys and values of
+        every block (models/kv_cache.py), attended after the joint sequence's own; kv_lengths then counts them too.
         """
         img_ids = img_ids[0] if img_ids.ndim == 3 else img_ids
         txt_ids = txt_ids[0] if txt_ids.ndim == 3 else txt_ids
@@ -161,9 +166,11 @@ class Flux2Transformer(nnx.Module):
         img = self.x_embedder(hidden_states.astype(self.dtype))  # (B, L, D)
         txt = self.context_embedder(encoder_hidden_states.astype(self.dtype))  # (B, T, D)
         cos, sin = self.rope(img_ids, txt_ids)
-        for block in self.transformer_blocks:
-            img, txt = block(img, txt, mod_img, mod_txt, cos, sin, kv_lengths)
+        no_cache = ReferenceKV((None,) * len(self.transformer_blocks), (None,) * len(self.single_transformer_blocks))
+        double, single = no_cache if cached_kv is None else cached_kv
+        for block, cached in zip(self.transformer_blocks, double, strict=True):
+            img, txt, _ = block(img, txt, mod_img, mod_txt, cos, sin, kv_lengths, cached)
         x = jnp.concatenate([txt, img], axis=1)  # (B, T+L, D), text first
-        for block in self.single_transformer_blocks:
-            x = block(x, mod_single, cos, sin, kv_lengths)
+        for block, cached in zip(self.single_transformer_blocks, single, strict=True):
+            x, _ = block(x, mod_single, cos, sin, kv_lengths, cached)
         return self.proj_out(self.norm_out(x[:, T:], temb))  # drop text tokens -> (B, L, C_out)

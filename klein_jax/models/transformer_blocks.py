@@ -14,6 +14,19 @@ from flax import nnx
 from klein_jax.models.layers import RMSNorm, dot_product_attention, layer_norm
 from klein_jax.models.rope import apply_rope
 
+KeyValues = tuple[jax.Array, jax.Array]  # post-RoPE keys and values (B, S, H, Dh) of one attention layer
+
+
+def with_cached(k: jax.Array, v: jax.Array, cached_kv: KeyValues | None) -> KeyValues:
+    """Keys and values with cached ones (diffusers Flux2KVCache, klein-9B KV) appended after the sequence's own.
+
+    diffusers puts them between text and image ([txt, ref, img]); key order does not change attention, and at the
+    end their padding is masked by key_value_seq_lengths like any padding.
+    """
+    if cached_kv is None:
+        return k, v
+    return jnp.concatenate([k, cached_kv[0]], axis=1), jnp.concatenate([v, cached_kv[1]], axis=1)  # (B, S + R, H, Dh)
+
 
 def bias_free_linear(in_features: int, out_features: int, *, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.Linear:
     """nnx.Linear without bias: no layer of the FLUX.2 transformer has one."""
@@ -70,10 +83,13 @@ class Flux2Attention(nnx.Module):
         return x.reshape(B, S, self.num_heads, self.head_dim)  # (B, S, H*Dh) -> (B, S, H, Dh)
 
     def __call__(self, img: jax.Array, txt: jax.Array, cos: jax.Array, sin: jax.Array,
-                 kv_lengths: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-        """img (B, L, D), txt (B, T, D), cos/sin (T+L, Dh/2) -> attention outputs (B, L, D), (B, T, D).
+                 kv_lengths: jax.Array | None = None,
+                 cached_kv: KeyValues | None = None) -> tuple[jax.Array, jax.Array, KeyValues]:
+        """img (B, L, D), txt (B, T, D), cos/sin (T+L, Dh/2) -> attention outputs (B, L, D), (B, T, D) and the
+        joint sequence's post-RoPE keys and values (B, T+L, H, Dh).
 
-        kv_lengths (B,): keys past kv_lengths[b] in the joint [text, image] sequence are not attended (padding).
+        kv_lengths (B,): keys past kv_lengths[b] are not attended (padding); cached_kv: more keys and values
+        (B, R, H, Dh), attended after the joint sequence's own.
         """
         B, L, _ = img.shape
         T = txt.shape[1]
@@ -87,9 +103,10 @@ class Flux2Attention(nnx.Module):
         q = apply_rope(jnp.concatenate([txt_q, q], axis=1), cos, sin)  # (B, T+L, H, Dh), text first
         k = apply_rope(jnp.concatenate([txt_k, k], axis=1), cos, sin)
         v = jnp.concatenate([txt_v, v], axis=1)
-        out = dot_product_attention(q, k, v, implementation=self.attention_impl, key_value_seq_lengths=kv_lengths)
+        out = dot_product_attention(q, *with_cached(k, v, cached_kv), implementation=self.attention_impl,
+                                    key_value_seq_lengths=kv_lengths)
         out = out.reshape(B, T + L, self.num_heads * self.head_dim)  # (B, T+L, H, Dh) -> (B, T+L, D)
-        return self.to_out(out[:, T:]), self.to_add_out(out[:, :T])
+        return self.to_out(out[:, T:]), self.to_add_out(out[:, :T]), (k, v)
 
 
 class Flux2TransformerBlock(nnx.Module):
@@ -104,19 +121,21 @@ class Flux2TransformerBlock(nnx.Module):
         self.ff_context = Flux2FeedForward(dim, mlp_hidden_dim, **kw)
 
     def __call__(self, img: jax.Array, txt: jax.Array, mod_img: jax.Array, mod_txt: jax.Array,
-                 cos: jax.Array, sin: jax.Array, kv_lengths: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-        """img (B, L, D), txt (B, T, D), shared modulations (B, 6D) -> updated (img, txt)."""
+                 cos: jax.Array, sin: jax.Array, kv_lengths: jax.Array | None = None,
+                 cached_kv: KeyValues | None = None) -> tuple[jax.Array, jax.Array, KeyValues]:
+        """img (B, L, D), txt (B, T, D), shared modulations (B, 6D) -> updated (img, txt) and the attention's keys
+        and values (Flux2Attention)."""
         (shift_msa, scale_msa, gate_msa), (shift_mlp, scale_mlp, gate_mlp) = split_modulation(mod_img, 2)
         (c_shift_msa, c_scale_msa, c_gate_msa), (c_shift_mlp, c_scale_mlp, c_gate_mlp) = split_modulation(mod_txt, 2)
-        img_attn, txt_attn = self.attn(
+        img_attn, txt_attn, kv = self.attn(
             modulate(img, shift_msa, scale_msa, self.eps), modulate(txt, c_shift_msa, c_scale_msa, self.eps), cos, sin,
-            kv_lengths,
+            kv_lengths, cached_kv,
         )
         img = img + gate_msa * img_attn
         img = img + gate_mlp * self.ff(modulate(img, shift_mlp, scale_mlp, self.eps))
         txt = txt + c_gate_msa * txt_attn
         txt = txt + c_gate_mlp * self.ff_context(modulate(txt, c_shift_mlp, c_scale_mlp, self.eps))
-        return img, txt
+        return img, txt, kv
 
 
 class Flux2ParallelSelfAttention(nnx.Module):
@@ -133,8 +152,10 @@ class Flux2ParallelSelfAttention(nnx.Module):
         self.norm_k = RMSNorm(head_dim, eps=eps, param_dtype=param_dtype)
         self.to_out = bias_free_linear(inner + mlp_hidden_dim, dim, **lin)
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, kv_lengths: jax.Array | None = None) -> jax.Array:
-        """x (B, S, D) (text then image), cos/sin (S, Dh/2) -> (B, S, D); kv_lengths (B,) masks padded keys."""
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, kv_lengths: jax.Array | None = None,
+                 cached_kv: KeyValues | None = None) -> tuple[jax.Array, KeyValues]:
+        """x (B, S, D) (text then image), cos/sin (S, Dh/2) -> (B, S, D) and the post-RoPE keys and values
+        (B, S, H, Dh); kv_lengths (B,) masks padded keys, cached_kv (B, R, H, Dh) are attended after x's own."""
         B, S, _ = x.shape
         H, Dh = self.num_heads, self.head_dim
         h = self.to_qkv_mlp_proj(x)
@@ -142,9 +163,10 @@ class Flux2ParallelSelfAttention(nnx.Module):
         q, k, v = (t.reshape(B, S, H, Dh) for t in jnp.split(qkv, 3, axis=-1))  # 3 x (B, S, D) -> (B, S, H, Dh)
         q = apply_rope(self.norm_q(q), cos, sin)
         k = apply_rope(self.norm_k(k), cos, sin)
-        attn = dot_product_attention(q, k, v, implementation=self.attention_impl, key_value_seq_lengths=kv_lengths)
+        attn = dot_product_attention(q, *with_cached(k, v, cached_kv), implementation=self.attention_impl,
+                                     key_value_seq_lengths=kv_lengths)
         attn = attn.reshape(B, S, H * Dh)
-        return self.to_out(jnp.concatenate([attn, swiglu(mlp)], axis=-1))  # (B, S, D + M) -> (B, S, D)
+        return self.to_out(jnp.concatenate([attn, swiglu(mlp)], axis=-1)), (k, v)  # (B, S, D + M) -> (B, S, D)
 
 
 class Flux2SingleTransformerBlock(nnx.Module):
@@ -158,7 +180,9 @@ class Flux2SingleTransformerBlock(nnx.Module):
                                                param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array, mod: jax.Array, cos: jax.Array, sin: jax.Array,
-                 kv_lengths: jax.Array | None = None) -> jax.Array:
-        """x (B, S, D), shared modulation (B, 3D) -> (B, S, D)."""
+                 kv_lengths: jax.Array | None = None,
+                 cached_kv: KeyValues | None = None) -> tuple[jax.Array, KeyValues]:
+        """x (B, S, D), shared modulation (B, 3D) -> (B, S, D) and the attention's keys and values."""
         ((shift, scale, gate),) = split_modulation(mod, 1)
-        return x + gate * self.attn(modulate(x, shift, scale, self.eps), cos, sin, kv_lengths)
+        attn, kv = self.attn(modulate(x, shift, scale, self.eps), cos, sin, kv_lengths, cached_kv)
+        return x + gate * attn, kv

@@ -1,0 +1,194 @@
+"""Cold start of klein-serve: process start to the first 200 from /readyz, with an empty and a warm compilation cache.
+
+    .venv/bin/python benchmarks/cold_start.py                         # klein-serve --demo, 3 runs per cache state
+    .venv/bin/python benchmarks/cold_start.py --model out/klein-4b    # a klein-convert folder instead of the demo
+    .venv/bin/python benchmarks/cold_start.py --runs 5 -- --aspect-ratios square --max-batch 1   # more serve flags
+
+Each run starts `python -m server --no-auth --port P --compile-cache DIR (--demo | --model SRC) [EXTRA...]` and polls
+GET /readyz every 50 ms. It records the time from process start to the first HTTP answer (the server listens while it
+compiles and answers 503) and to /readyz 200, the programs /readyz counts, and the compile time of the server's
+"ready" log line, then stops the server with SIGTERM. Cache states: "empty", a new empty cache folder per run
+(every program compiles and is written); "warm", the folder the last empty run filled (programs load from disk; JAX
+stores only programs that took at least 1 s to compile, jax_persistent_cache_min_compile_time_secs). Medians of
+--runs runs per state; the table replaces the section between the cold-start markers of docs/benchmarks.md
+(--no-doc: leave it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+DOC = ROOT / "docs" / "benchmarks.md"
+BEGIN, END = "<!-- cold-start:begin -->", "<!-- cold-start:end -->"
+READY_LINE = re.compile(r"klein-serve ready on .*? programs compiled in ([\d.]+) s")
+POLL_S = 0.05
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str) -> tuple[int | None, bytes]:
+    """(HTTP status, body) of GET url; (None, b"") when nothing answers yet."""
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as e:
+        return e.code, b""
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return None, b""
+
+
+def start_once(model_args: list[str], cache: pathlib.Path, extra: list[str], timeout_s: float,
+               log_path: pathlib.Path) -> dict:
+    """One server start: seconds to the first answer and to /readyz 200, the programs /readyz reports, and the
+    compile (or cache load) time of the server's "ready" log line."""
+    port = _free_port()
+    command = [sys.executable, "-m", "server", "--no-auth", "--port", str(port), "--compile-cache", str(cache),
+               *model_args, *extra]
+    url = f"http://127.0.0.1:{port}/readyz"
+    first_answer_s = None
+    with open(log_path, "wb") as log:
+        start = time.perf_counter()
+        server = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log)
+        try:
+            while True:
+                elapsed = time.perf_counter() - start
+                if server.poll() is not None:
+                    raise RuntimeError(f"klein-serve exited ({server.returncode}) before ready; see {log_path}")
+                if elapsed > timeout_s:
+                    raise RuntimeError(f"klein-serve not ready after {timeout_s:.0f} s; see {log_path}")
+                status, body = _get(url)
+                if status is not None and first_answer_s is None:
+                    first_answer_s = elapsed
+                if status == 200:
+                    ready_s, programs = elapsed, json.loads(body)["compiled_programs"]
+                    break
+                time.sleep(POLL_S)
+        finally:
+            server.send_signal(signal.SIGTERM)
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
+    found = READY_LINE.search(log_path.read_text(errors="replace"))
+    return {"first_answer_s": first_answer_s, "ready_s": ready_s, "programs": programs,
+            "compile_s": float(found.group(1)) if found else None}
+
+
+def _median(runs: list[dict], key: str) -> float | None:
+    values = [r[key] for r in runs if r[key] is not None]
+    return statistics.median(values) if values else None
+
+
+def run(args) -> dict:
+    """--runs starts with an empty cache each, then --runs with the cache the last one filled."""
+    model_args = ["--model", args.model] if args.model else ["--demo"]
+    work = pathlib.Path(tempfile.mkdtemp(prefix="klein-cold-start-"))
+    report = {"schema": 1, "date": time.strftime("%Y-%m-%d %H:%M"), "command": " ".join(sys.argv[1:]),
+              "server_args": model_args + args.extra, "runs": args.runs, "host": platform.machine(),
+              "cpu_count": os.cpu_count(), "load_average_start": os.getloadavg(), "states": {}}
+    try:
+        empty, warm = [], []
+        for i in range(args.runs):
+            cache = work / f"cache-{i}"
+            empty.append(start_once(model_args, cache, args.extra, args.timeout_s, work / f"empty-{i}.log"))
+            print("empty", empty[-1], file=sys.stderr, flush=True)
+        for i in range(args.runs):
+            warm.append(start_once(model_args, cache, args.extra, args.timeout_s, work / f"warm-{i}.log"))
+            print("warm", warm[-1], file=sys.stderr, flush=True)
+        report["cache_bytes"] = sum(f.stat().st_size for f in cache.rglob("*") if f.is_file())
+        report["cache_files"] = sum(1 for f in cache.rglob("*") if f.is_file())
+    finally:
+        if args.keep:
+            print(f"kept {work}", file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    for name, runs in (("empty", empty), ("warm", warm)):
+        report["states"][name] = {"runs": runs, **{k: _median(runs, k) for k in
+                                                   ("first_answer_s", "ready_s", "programs", "compile_s")}}
+    report["load_average_end"] = os.getloadavg()
+    return report
+
+
+def _cell(value, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def markdown(report: dict) -> str:
+    """A short paragraph and one table."""
+    load = ", ".join(f"{a:.1f}" for a in report["load_average_start"])
+    load_end = ", ".join(f"{a:.1f}" for a in report["load_average_end"])
+    lines = [
+        f"Measured by `benchmarks/cold_start.py` ({report['date']}, `{report['command'] or '(defaults)'}`) on "
+        f"{report['host']}, {report['cpu_count']} CPU cores, load average {load} at the start and {load_end} at the "
+        f"end: `klein-serve {' '.join(report['server_args'])}`, median of {report['runs']} starts per cache state. "
+        f"The warm cache held {report['cache_files']} files, {report['cache_bytes'] / 2**20:.1f} MiB.",
+        "",
+        "| compilation cache | first HTTP answer (s) | `/readyz` 200 (s) | programs | compile/load phase (s) | "
+        "each run's `/readyz` (s) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, state in report["states"].items():
+        each = ", ".join(f"{r['ready_s']:.1f}" for r in state["runs"])
+        lines.append(f"| {name} | {_cell(state['first_answer_s'], '.1f')} | {_cell(state['ready_s'], '.1f')} | "
+                     f"{_cell(state['programs'], '.0f')} | {_cell(state['compile_s'], '.1f')} | {each} |")
+    return "\n".join(lines)
+
+
+def write_doc(text: str) -> None:
+    """Replaces the section between the cold-start markers of docs/benchmarks.md (appends one if missing)."""
+    doc = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
+    if BEGIN not in doc:
+        doc = doc.rstrip() + f"\n\n{BEGIN}\n{END}\n"
+    doc = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: f"{BEGIN}\n{text}\n{END}", doc, flags=re.S)
+    DOC.write_text(doc)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", help="a klein-convert folder (or any klein-serve --model SRC); default: --demo")
+    p.add_argument("--runs", type=int, default=3, help="starts per cache state")
+    p.add_argument("--timeout-s", type=float, default=1800.0, help="per start")
+    p.add_argument("--json", type=pathlib.Path, help="also write the JSON report to this file")
+    p.add_argument("--keep", action="store_true", help="keep the cache folders and server logs (printed)")
+    p.add_argument("--no-doc", action="store_true", help="leave docs/benchmarks.md as is")
+    p.add_argument("extra", nargs="*", help="more klein-serve flags, after --")
+    args = p.parse_args(argv)
+    if args.runs < 1:
+        p.error("--runs must be at least 1")
+    report = run(args)
+    text = markdown(report)
+    print(json.dumps(report, indent=1))
+    print(text)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=1) + "\n")
+    if not args.no_doc:
+        write_doc(text)
+        print(f"wrote {DOC}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""The benchmark scripts run end to end at small sizes (so that they cannot rot) and report what they promise.
+
+Speed is not asserted: the numbers only have to exist, be positive and be consistent with each other.
+"""
+
+import importlib.util
+import json
+import math
+import pathlib
+import sys
+
+import pytest
+
+from klein_jax.configs import KLEIN_4B, KLEIN_9B, TINY_TRANSFORMER
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def load_script(name: str):
+    """A benchmarks/ script as a module (benchmarks/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+accelerator = load_script("accelerator")
+cold_start = load_script("cold_start")
+
+
+# ------------------------------------------------------------------------------------------- accelerator.py
+
+
+def test_transformer_flops_are_the_spec_figures():
+    """shared/spec/klein.md §7.1: 34.82 / 75.52 TFLOP per forward at 1024x1024, 76.70 with one 1024x1024 reference."""
+    flops = accelerator.transformer_flops
+    assert flops(KLEIN_4B, batch=1, target_tokens=4096) / 1e12 == pytest.approx(34.82, abs=0.005)
+    assert flops(KLEIN_9B, batch=1, target_tokens=4096) / 1e12 == pytest.approx(75.52, abs=0.01)
+    assert flops(KLEIN_4B, batch=1, target_tokens=4096, reference_tokens=4096) / 1e12 == pytest.approx(76.70, abs=0.05)
+    assert flops(KLEIN_4B, batch=4, target_tokens=4096) == 4 * flops(KLEIN_4B, batch=1, target_tokens=4096)
+
+
+@pytest.mark.parametrize("kind, peak", [
+    ("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H100 NVL", 835.0),
+    ("NVIDIA H200", 989.0), ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA A100 80GB PCIe", 312.0), ("NVIDIA L4", 121.0),
+    ("NVIDIA L40S", None), ("TPU v5 lite", 197.0), ("TPU v5e", 197.0), ("TPU v5", 459.0), ("TPU v5p", 459.0),
+    ("TPU v6 lite", 918.0), ("TPU v4", None), ("cpu", None),
+])
+def test_peak_tflops_by_device_name(kind, peak):
+    assert accelerator.peak_tflops(kind) == peak
+
+
+@pytest.fixture(scope="module")
+def small_report(tmp_path_factory):
+    path = tmp_path_factory.mktemp("accelerator") / "report.json"
+    code = accelerator.main(["--small", "--repeats", "1", "--no-doc", "--json", str(path), "--peak-tflops", "0.5"])
+    assert code == 0
+    return json.loads(path.read_text())
+
+
+def test_small_run_times_every_case_for_both_pipelines(small_report):
+    assert small_report["model_size"] == "small" and small_report["dtype"] == "float32"
+    assert (small_report["width"], small_report["height"], small_report["steps"]) == (128, 128, 4)
+    cases = [(c["name"], c["batch"], c["references"]) for c in small_report["cases"]]
+    assert cases == [("text-to-image", 1, 0), ("image-to-image", 1, 1), ("text-to-image", 4, 0)]
+    for case in small_report["cases"]:
+        pipelines = [r["pipeline"] for r in case["results"]]
+        assert pipelines == ["klein-jax", "diffusers eager", "diffusers torch.compile"], pipelines
+        assert case["results"][2]["skipped"] == "torch.compile is run on CUDA only"
+        for r in case["results"][:2]:
+            assert "skipped" not in r, r
+            for key in ("text_encode_ms", "denoise_ms", "decode_ms", "end_to_end_ms", "peak_memory_bytes"):
+                assert r[key] > 0, (case["name"], r["pipeline"], key, r[key])
+            assert (r["reference_encode_ms"] > 0) == (case["references"] > 0), r
+            assert r["memory_kind"] == "host RSS"
+
+
+def test_small_run_derives_throughput_and_flops(small_report):
+    for case in small_report["cases"]:
+        target = (128 // 16) ** 2
+        flops = accelerator.transformer_flops(TINY_TRANSFORMER, batch=case["batch"], target_tokens=target,
+                                              reference_tokens=target * case["references"])
+        assert case["transformer_tflop_per_forward"] == pytest.approx(flops / 1e12)
+        for r in case["results"][:2]:
+            assert r["images_per_s"] == pytest.approx(case["batch"] / (r["end_to_end_ms"] / 1000))
+            tflops = 4 * flops / (r["denoise_ms"] / 1000) / 1e12
+            assert r["transformer_tflop_per_s"] == pytest.approx(tflops)
+            assert r["percent_of_peak"] == pytest.approx(100 * tflops / 0.5)  # --peak-tflops 0.5
+        ours = case["results"][0]
+        assert ours["compile_s"] > 0 and ours["backend"] == "cpu"
+    assert small_report["peak_tflops"] == 0.5
+
+
+def test_small_run_markdown_has_a_row_per_result(small_report):
+    text = accelerator.markdown(small_report)
+    rows = [line for line in text.splitlines() if line.startswith("| text-to-image") or
+            line.startswith("| image-to-image")]
+    assert len(rows) == 9
+    assert all(line.count("|") == 14 for line in rows), rows
+
+
+def test_write_doc_replaces_only_its_own_section(tmp_path, monkeypatch):
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text("# Benchmarks\n\nintro\n\n<!-- accelerator-4b:begin -->\nold 4b\n<!-- accelerator-4b:end -->\n\n"
+                   "<!-- cold-start:begin -->\nold cold\n<!-- cold-start:end -->\n\noutro\n")
+    monkeypatch.setattr(accelerator, "DOC", doc)
+    monkeypatch.setattr(cold_start, "DOC", doc)
+    accelerator.write_doc("new 4b", "4b")
+    accelerator.write_doc("new 9b", "9b")
+    cold_start.write_doc("new cold")
+    text = doc.read_text()
+    assert "old 4b" not in text and "old cold" not in text and "intro" in text and "outro" in text
+    assert "<!-- accelerator-4b:begin -->\nnew 4b\n<!-- accelerator-4b:end -->" in text
+    assert "<!-- cold-start:begin -->\nnew cold\n<!-- cold-start:end -->" in text
+    assert text.rstrip().endswith("<!-- accelerator-9b:begin -->\nnew 9b\n<!-- accelerator-9b:end -->")
+
+
+# -------------------------------------------------------------------------------------------- cold_start.py
+
+
+def test_cold_start_times_the_demo_server_empty_and_warm(tmp_path):
+    path = tmp_path / "cold.json"
+    code = cold_start.main(["--runs", "1", "--no-doc", "--json", str(path), "--", "--aspect-ratios", "square",
+                            "--max-batch", "1"])
+    assert code == 0
+    report = json.loads(path.read_text())
+    assert report["server_args"] == ["--demo", "--aspect-ratios", "square", "--max-batch", "1"]
+    assert set(report["states"]) == {"empty", "warm"}
+    for state in report["states"].values():
+        assert len(state["runs"]) == 1
+        assert 0 < state["first_answer_s"] <= state["ready_s"]
+        assert state["programs"] == 2  # the text encoder and the square generate program, batch 1
+        assert state["compile_s"] > 0 and math.isfinite(state["compile_s"])
+    assert "| empty |" in cold_start.markdown(report) and "| warm |" in cold_start.markdown(report)
