@@ -32,11 +32,11 @@ from klein_jax.loading.source import (
     Source,
     open_source,
 )
-from klein_jax.loading.weights import check_component, component_params, convert_component, load_component
+from klein_jax.loading.weights import check_component, component_params, load_component
 
 __all__ = [
     "COMPONENTS", "CONFIG_FILE", "DEFAULT_OUT_LAYERS", "FORMAT_VERSION", "MANIFEST", "OUT_LAYERS_KEY", "PARAMS_DIR",
     "SOURCE_ERRORS", "CheckpointError", "Components", "ConversionError", "Source", "WeightMappingError",
-    "abstract_module", "check_component", "component_params", "convert_component", "dtype_name", "expected_params", "fill_module",
+    "abstract_module", "check_component", "component_params", "dtype_name", "expected_params", "fill_module",
     "load_component", "load_components", "module_params", "open_source", "parse_dtype", "random_module",
 ]

@@ -68,12 +68,6 @@ def component_params(name: str, config: Any, tensors: Mapping[str, np.ndarray], 
     return map_weights(tensors, KINDS[name].rules(config), expected, on_tensor=on_tensor, place=place)
 
 
-def convert_component(source: Source, name: str, config: Any, dtype: Any, *,
-                      on_tensor: Callable[[str], None] | None = None) -> dict[Path, np.ndarray]:
-    """The parameters of the source's component `name` (component_params of source.tensors(name))."""
-    return component_params(name, config, source.tensors(name), dtype, on_tensor=on_tensor)
-
-
 def load_component(name: str, config: Any, tensors: Mapping[str, np.ndarray], dtype: Any, *,
                    shardings: Mapping[Path, Sharding] | None = None):
     """The module of component `name`, built abstractly and filled from its diffusers-named `tensors` (placed
