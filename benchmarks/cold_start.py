@@ -12,6 +12,13 @@ compiles and answers 503) and to /readyz 200, the programs /readyz counts, and t
 stores only programs that took at least 1 s to compile, jax_persistent_cache_min_compile_time_secs). Medians of
 --runs runs per state; the table replaces the section between the cold-start markers of docs/benchmarks.md
 (--no-doc: leave it).
+
+`--abstract-4b` measures the real klein-4B shapes without weights: a child process builds the three modules with
+abstract bfloat16 parameters (nnx.eval_shape, nothing allocated) and runs `KleinPipeline.compile` for the programs
+that `klein-serve --aspect-ratios A --max-batch B --compile-references 0` compiles (--aspect-ratios, --max-batch),
+empty cache then warm, and reports process start to the end of compilation. Loading 16 GB of weights is not in it
+(benchmarks/convert_memory.py measures load_components), nor the HTTP server; the table goes between the
+cold-start-4b markers.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ import urllib.request
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- cold-start:begin -->", "<!-- cold-start:end -->"
+BEGIN_4B, END_4B = "<!-- cold-start-4b:begin -->", "<!-- cold-start-4b:end -->"
 READY_LINE = re.compile(r"klein-serve ready on .*? programs compiled in ([\d.]+) s")
 POLL_S = 0.05
 
@@ -130,6 +138,82 @@ def run(args) -> dict:
     return report
 
 
+def compile_child(cache: str, aspect_ratios: str, max_batch: int, started_s: float) -> dict:
+    """In the child: klein-serve's compile phase for klein-4B shapes with abstract weights; seconds since started_s
+    (time.time() at the parent's Popen)."""
+    from klein_jax.compilation_cache import enable_compilation_cache
+    from klein_jax.configs import FLUX2_VAE, KLEIN_4B, QWEN3_4B
+    from klein_jax.demo_tokenizer import demo_prompt_tokenizer
+    from klein_jax.loading import abstract_module
+    from klein_jax.pipeline import KleinPipeline
+    from server.settings import Settings
+
+    enable_compilation_cache(cache)
+    imported_s = time.time() - started_s
+    modules = [abstract_module(name, config, "bfloat16")
+               for name, config in (("transformer", KLEIN_4B), ("vae", FLUX2_VAE), ("text_encoder", QWEN3_4B))]
+    pipe = KleinPipeline(*modules, demo_prompt_tokenizer(QWEN3_4B.vocab_size), is_distilled=True, dtype="bfloat16")
+    built_s = time.time() - started_s
+    batch_sizes = Settings(auth=False, max_batch=max_batch).batch_sizes  # what klein-serve compiles
+    programs = pipe.compile(aspect_ratios.split(","), max_references=0, batch_sizes=batch_sizes)
+    return {"imported_s": imported_s, "modules_s": built_s, "ready_s": time.time() - started_s,
+            "programs": programs, "compile_s": pipe.sampler.compile_seconds}
+
+
+def run_abstract_4b(args) -> dict:
+    """--runs children with an empty cache each, then --runs with the cache the last one filled."""
+    work = pathlib.Path(tempfile.mkdtemp(prefix="klein-cold-start-4b-"))
+    report = {"date": time.strftime("%Y-%m-%d %H:%M"), "command": " ".join(sys.argv[1:]), "runs": args.runs,
+              "host": platform.machine(), "cpu_count": os.cpu_count(), "load_average_start": os.getloadavg(),
+              "aspect_ratios": args.aspect_ratios, "max_batch": args.max_batch, "states": {}}
+    try:
+        for state in ("empty", "warm"):
+            runs = []
+            for i in range(args.runs):
+                cache = work / f"cache-{i if state == 'empty' else args.runs - 1}"
+                command = [sys.executable, str(pathlib.Path(__file__).resolve()), "--compile-child", str(cache),
+                           "--aspect-ratios", args.aspect_ratios, "--max-batch", str(args.max_batch),
+                           "--started", repr(time.time())]
+                done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=args.timeout_s)
+                if done.returncode:
+                    raise RuntimeError(f"compile child failed ({done.returncode}):\n{done.stderr[-3000:]}")
+                runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+                print(state, runs[-1], file=sys.stderr, flush=True)
+            report["states"][state] = {"runs": runs, **{k: _median(runs, k) for k in
+                                                        ("imported_s", "modules_s", "ready_s", "compile_s")}}
+        report["cache_files"] = sum(1 for f in cache.rglob("*") if f.is_file())
+        report["cache_bytes"] = sum(f.stat().st_size for f in cache.rglob("*") if f.is_file())
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    report["load_average_end"] = os.getloadavg()
+    return report
+
+
+def markdown_4b(report: dict) -> str:
+    """A short paragraph and one table for --abstract-4b."""
+    load = ", ".join(f"{a:.1f}" for a in report["load_average_start"])
+    load_end = ", ".join(f"{a:.1f}" for a in report["load_average_end"])
+    programs = report["states"]["empty"]["runs"][0]["programs"]
+    lines = [
+        f"Measured by `benchmarks/cold_start.py` ({report['date']}, `{report['command']}`) on {report['host']}, "
+        f"{report['cpu_count']} CPU cores, load average {load} at the start and {load_end} at the end: klein-4B "
+        f"shapes with abstract bfloat16 weights (no weights loaded, no HTTP server), the {programs} programs of "
+        f"`klein-serve --aspect-ratios {report['aspect_ratios']} --max-batch {report['max_batch']} "
+        f"--compile-references 0`, median of {report['runs']} processes per cache state. The warm cache held "
+        f"{report['cache_files']} files, {report['cache_bytes'] / 2**20:.1f} MiB.",
+        "",
+        "| compilation cache | imports done (s) | modules built (s) | programs compiled or loaded (s) "
+        "| compile phase (s) |"
+        " each run (s) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, state in report["states"].items():
+        each = ", ".join(f"{r['ready_s']:.1f}" for r in state["runs"])
+        lines.append(f"| {name} | {state['imported_s']:.1f} | {state['modules_s']:.1f} | {state['ready_s']:.1f} | "
+                     f"{state['compile_s']:.1f} | {each} |")
+    return "\n".join(lines)
+
+
 def _cell(value, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
@@ -155,12 +239,12 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def write_doc(text: str) -> None:
-    """Replaces the section between the cold-start markers of docs/benchmarks.md (appends one if missing)."""
+def write_doc(text: str, begin: str = BEGIN, end: str = END) -> None:
+    """Replaces the section between the markers in docs/benchmarks.md (appends one if missing)."""
     doc = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    if BEGIN not in doc:
-        doc = doc.rstrip() + f"\n\n{BEGIN}\n{END}\n"
-    doc = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: f"{BEGIN}\n{text}\n{END}", doc, flags=re.S)
+    if begin not in doc:
+        doc = doc.rstrip() + f"\n\n{begin}\n{end}\n"
+    doc = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: f"{begin}\n{text}\n{end}", doc, flags=re.S)
     DOC.write_text(doc)
 
 
@@ -173,10 +257,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=pathlib.Path, help="also write the JSON report to this file")
     p.add_argument("--keep", action="store_true", help="keep the cache folders and server logs (printed)")
     p.add_argument("--no-doc", action="store_true", help="leave docs/benchmarks.md as is")
+    p.add_argument("--abstract-4b", action="store_true",
+                   help="klein-4B shapes, abstract weights: the compile phase only, in a child process")
+    p.add_argument("--aspect-ratios", default="square", help="with --abstract-4b")
+    p.add_argument("--max-batch", type=int, default=1, help="with --abstract-4b")
+    p.add_argument("--compile-child", metavar="CACHE", help=argparse.SUPPRESS)
+    p.add_argument("--started", type=float, help=argparse.SUPPRESS)
     p.add_argument("extra", nargs="*", help="more klein-serve flags, after --")
     args = p.parse_args(argv)
+    if args.compile_child:
+        print(json.dumps(compile_child(args.compile_child, args.aspect_ratios, args.max_batch, args.started)))
+        return 0
     if args.runs < 1:
         p.error("--runs must be at least 1")
+    if args.abstract_4b:
+        report = run_abstract_4b(args)
+        text = markdown_4b(report)
+        print(json.dumps(report, indent=1))
+        print(text)
+        if not args.no_doc:
+            write_doc(text, BEGIN_4B, END_4B)
+        return 0
     report = run(args)
     text = markdown(report)
     print(json.dumps(report, indent=1))
@@ -191,4 +292,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))  # the child imports this checkout's klein_jax and server
     sys.exit(main())

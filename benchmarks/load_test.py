@@ -64,7 +64,8 @@ class LoadResult:
             "statuses": dict(sorted(self.statuses.items())), "lost": self.lost,
             "throughput_rps": round(self.answered / self.wall_s, 1),
             "images_per_s": round(self.statuses.get(200, 0) / self.wall_s, 2),
-            "p50_ms_200": round(self.percentile_ms(50), 1), "p99_ms_200": round(self.percentile_ms(99), 1),
+            "p50_ms_200": round(self.percentile_ms(50), 1), "p95_ms_200": round(self.percentile_ms(95), 1),
+            "p99_ms_200": round(self.percentile_ms(99), 1),
             "rss_start_mib": round(rss[0] / mib, 1) if rss else None,
             "rss_end_mib": round(rss[-1] / mib, 1) if rss else None,
             "rss_max_mib": round(max(rss) / mib, 1) if rss else None,
@@ -148,13 +149,16 @@ def run_load(base_url: str, *, requests: int, concurrency: int, duration_s: floa
 
 
 def start_demo_server(max_queue: int, max_batch: int, aspect_ratio: str, request_timeout_s: float,
-                      log_dir: pathlib.Path, timeout_s: float = 600.0) -> tuple[subprocess.Popen, str]:
-    """`python -m server --demo --no-auth` on a free loopback port; returns (process, base URL) once ready."""
+                      log_dir: pathlib.Path, timeout_s: float = 600.0,
+                      extra: tuple[str, ...] = (), launcher: tuple[str, ...] = ("-m", "server")
+                      ) -> tuple[subprocess.Popen, str]:
+    """`python -m server --demo --no-auth [EXTRA...]` on a free loopback port (`launcher` replaces `-m server`: a
+    script that runs klein-serve's main); returns (process, base URL) once ready."""
     stderr_path = log_dir / "server.stderr"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "server", "--demo", "--no-auth", "--host", "127.0.0.1", "--port", "0",
+        [sys.executable, *launcher, "--demo", "--no-auth", "--host", "127.0.0.1", "--port", "0",
          "--max-queue", str(max_queue), "--max-batch", str(max_batch), "--aspect-ratios", aspect_ratio,
-         "--timeout-s", str(request_timeout_s), "--compile-references", "0"],  # the load is text-to-image
+         "--timeout-s", str(request_timeout_s), "--compile-references", "0", *extra],  # the load is text-to-image
         cwd=REPO, stdout=subprocess.DEVNULL, stderr=open(stderr_path, "wb"),
         env={**os.environ, "PYTHONUNBUFFERED": "1"})
     deadline = time.monotonic() + timeout_s

@@ -24,6 +24,8 @@ STAGES = (  # timings key -> printed name
 def build_parser() -> argparse.ArgumentParser:
     """The klein-generate argument parser."""
     from klein_jax.request import ASPECT_RATIOS, MAX_REFERENCES, MAX_SEED, MAX_STEPS, MIN_STEPS
+    from klein_jax.quantization import QUANTIZATIONS
+    from klein_jax.models.attention import BACKENDS
 
     p = argparse.ArgumentParser(
         prog=PROG, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -51,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a LoRA adapter (.safetensors file, folder or hub id; docs/lora.md) at SCALE (default 1.0)")
     p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("klein.png"), help="output PNG file")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="compute dtype")
+    p.add_argument("--quantization", choices=QUANTIZATIONS, default=None,
+                   help="fp8: the transformer's block kernels stored as float8 e4m3 with a scale per output channel "
+                        "(half their memory)")
+    p.add_argument("--attention", choices=BACKENDS, default=None,
+                   help="the transformer's attention backend (default: cudnn on GPU in bfloat16, else xla; pallas: "
+                        "the TPU splash kernel; docs/benchmarks.md)")
     p.add_argument("--compilation-cache", default=None, metavar="DIR",
                    help=f"persistent XLA compilation cache folder; 'none' to disable "
                         f"(default: ${CACHE_ENV} or {DEFAULT_CACHE})")
@@ -147,9 +155,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.demo:
             from klein_jax.demo import build_demo_pipeline
 
-            pipe = build_demo_pipeline(mesh=args.mesh)
+            pipe = build_demo_pipeline(mesh=args.mesh, quantization=args.quantization, attention=args.attention)
         else:
-            pipe = KleinPipeline.from_pretrained(args.model, args.dtype, mesh=args.mesh)
+            pipe = KleinPipeline.from_pretrained(args.model, args.dtype, mesh=args.mesh, quantization=args.quantization,
+                                                 attention=args.attention)
         if args.lora:
             from klein_jax.lora.files import parse_lora_spec
 

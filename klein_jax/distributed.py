@@ -64,14 +64,21 @@ def broadcast(value: Any = None) -> Any:
 class Leader:
     """A pipeline on process 0 whose compile and run_batch every other process runs too (in `follow`).
 
-    Everything else (prepare, model_info, ...) is the pipeline's own: host work needs no other process.
+    Everything else (prepare, model_info, ...) is the pipeline's own: host work needs no other process, except
+    start_batch/finish_batch (a server's pipelined batches), which a Leader does not offer, so that the server runs
+    one run_batch at a time: gathering a batch's images is a collective too, and a next batch started meanwhile would
+    issue its collectives in another order than the followers, which run each batch whole.
     """
+
+    _NOT_LED = ("start_batch", "finish_batch")
 
     def __init__(self, model_id: str, pipeline):
         self.model_id = model_id
         self.pipeline = pipeline
 
     def __getattr__(self, name: str):
+        if name in Leader._NOT_LED:
+            raise AttributeError(f"a multi-host Leader runs whole batches (run_batch), not {name}")
         return getattr(self.pipeline, name)
 
     def _lead(self, method: str, *args, **kwargs):

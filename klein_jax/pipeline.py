@@ -33,7 +33,9 @@ from klein_jax import sharding
 from klein_jax.buckets import ReferenceBuckets
 from klein_jax.configs import Variant
 from klein_jax.loading import load_components
+from klein_jax.models.attention import check_attention, set_attention
 from klein_jax.lora import Combination, LoraAdapters, linear_targets
+from klein_jax.quantization import check_quantization, quantize_module
 from klein_jax.request import (ASPECT_RATIOS, MAX_REFERENCES, Workflow, check_guidance_scale, check_prompt,
                                check_seed, check_size, check_steps, resolve_aspect_ratio)
 from klein_jax.sampler import GeneratePlan, ReferencePlan, Sampler, TextPlan, seed_key_data
@@ -86,14 +88,28 @@ class PreparedRequest:
         return Workflow.for_references(len(self.references))
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class PendingBatch:
+    """A batch that start_batch dispatched: its images still computing on the device (finish_batch waits)."""
+
+    images: tuple[jax.Array, ...]  # (B, H, W, 3) float32 per chunk of at most the largest compiled batch
+    counts: tuple[int, ...]  # requests per chunk; the rows after them are padding
+    timings: dict[str, float]  # the last chunk's stages (last_timings once finished)
+
+
 class KleinPipeline:
     """FLUX.2 [klein] generation with ahead-of-time compiled programs (shared/spec/interfaces.md)."""
 
     def __init__(self, transformer, vae, text_encoder, tokenizer, *, is_distilled: bool, dtype=None,
                  name: str = "flux2-klein", is_demo: bool = False, reference_buckets: ReferenceBuckets | None = None,
-                 kv_cache: bool = False, mesh: str | jax.sharding.Mesh | None = None):
+                 kv_cache: bool = False, mesh: str | jax.sharding.Mesh | None = None,
+                 quantization: str | None = None, attention: str | None = None):
         """kv_cache: klein-9B KV (Flux2KleinKVPipeline): reference keys/values computed once per image (klein_jax/kv.py).
-        mesh: None (one device), "data=D,model=M" or a jax.sharding.Mesh with those axes (klein_jax/sharding.py)."""
+        mesh: None (one device), "data=D,model=M" or a jax.sharding.Mesh with those axes (klein_jax/sharding.py).
+        quantization: None, or "fp8": the transformer's block and modulation kernels stored as float8_e4m3fn with a
+        scale per output channel, quantized in place (klein_jax/quantization.py).
+        attention: None (the default per platform and dtype), "xla", "cudnn" or "pallas": the flow transformer's
+        attention backend (klein_jax/models/attention.py)."""
         if kv_cache and not is_distilled:
             raise ValueError("kv_cache=True is the distilled klein-9B KV model; it cannot be a base model")
         self.tokenizer = tokenizer
@@ -106,6 +122,10 @@ class KleinPipeline:
         self.buckets = reference_buckets or ReferenceBuckets.default(self.pixels_per_token)
         self.text_length = text_encoder.config.max_sequence_length
         self.mesh = sharding.make_mesh(mesh)
+        self.quantization = check_quantization(quantization)
+        if attention is not None:
+            set_attention(transformer, attention, self.dtype)
+        transformer = quantize_module(transformer, "transformer", self.quantization)
         self.sampler = Sampler(transformer, vae, text_encoder, dtype=self.dtype, text_length=self.text_length,
                                slot_tokens=self.buckets.slot_tokens, mesh=self.mesh)
         self.lora = LoraAdapters(linear_targets(transformer), self.dtype,  # adapters: inputs, not weights
@@ -119,7 +139,11 @@ class KleinPipeline:
     @classmethod
     def from_pretrained(cls, source: str | os.PathLike, dtype: Any = "bfloat16", **kwargs) -> "KleinPipeline":
         """Loads a klein-convert folder, a diffusers pipeline folder or a hub id (klein_jax/loading); with `mesh=`
-        every parameter is placed shard by shard straight from the checkpoint."""
+        every parameter is placed shard by shard straight from the checkpoint; with `quantization="fp8"` the
+        transformer is quantized after loading."""
+        check_quantization(kwargs.get("quantization"))  # before a long load
+        if kwargs.get("attention") is not None:
+            check_attention(kwargs["attention"], dtype)
         mesh = sharding.make_mesh(kwargs.pop("mesh", None))
         components = load_components(source, dtype, mesh=mesh)
         return cls(components.transformer, components.vae, components.text_encoder, components.tokenizer,
@@ -258,7 +282,17 @@ class KleinPipeline:
 
     def run_batch(self, prepared: Sequence[PreparedRequest]) -> list[PIL.Image.Image]:
         """One image per request (all with the same batch_key), padded to a compiled batch size."""
-        return image_ops.numpy_to_pil(self._run(prepared))
+        return self.finish_batch(self.start_batch(prepared))
+
+    def start_batch(self, prepared: Sequence[PreparedRequest]) -> PendingBatch:
+        """run_batch's first half: the host inputs (tokens, references, seeds) built and the programs dispatched.
+        Returns while the device still computes (JAX dispatch is asynchronous), so a server can prepare the next
+        batch meanwhile; finish_batch waits for the images."""
+        return self._dispatch(self._checked(prepared))
+
+    def finish_batch(self, pending: PendingBatch) -> list[PIL.Image.Image]:
+        """run_batch's second half: waits for the device; one image per request of start_batch."""
+        return image_ops.numpy_to_pil(self._collect(pending))
 
     def compile(self, aspect_ratios: str | Sequence[str] = "all", max_references: int = MAX_REFERENCES,
                 batch_sizes: Sequence[int] = (1,), *, sizes: Sequence[tuple[int, int]] = ()) -> int:
@@ -279,7 +313,7 @@ class KleinPipeline:
         batch_sizes = sorted({sharding.padded_batch(self.mesh, b) for b in batch_sizes})
         before, start = self.compile_count, time.perf_counter()
         guidance = self._resolve_guidance(None) is not None
-        layouts = [None] + ([self.lora.layout()] if self.lora.adapters else [])  # one adapter at a time
+        layouts = [None, *dict.fromkeys(self.lora.layout((n,)) for n in self.lora.names)]  # one adapter at a time
         plans = [TextPlan(1)] if guidance else []
         for batch in batch_sizes:
             plans.append(TextPlan(batch))
@@ -359,29 +393,54 @@ class KleinPipeline:
         fitting = [b for b in self._batch_sizes if b >= count]
         return min(fitting) if fitting else sharding.padded_batch(self.mesh, count)
 
-    def _run(self, prepared: Sequence[PreparedRequest], on_step=None) -> np.ndarray:
+    def _checked(self, prepared: Sequence[PreparedRequest]) -> list[PreparedRequest]:
         prepared = list(prepared)
         if not prepared:
             raise ValueError("run_batch needs at least one prepared request")
         keys = {p.batch_key for p in prepared}
         if len(keys) > 1:
             raise ValueError(f"requests in one batch must share a batch_key; got {len(keys)} different keys")
+        return prepared
+
+    def _chunks(self, prepared: list[PreparedRequest]) -> list[list[PreparedRequest]]:
+        """More requests than the largest compiled batch run in chunks of it."""
         largest = max(self._batch_sizes, default=len(prepared))
-        if len(prepared) > largest:  # more than the largest compiled batch: run in chunks
-            return np.concatenate([self._run(prepared[i:i + largest], on_step)
-                                   for i in range(0, len(prepared), largest)])
-        timings: dict[str, float] = {}
-        batch = self._batch_size(len(prepared))
-        rows = prepared + [prepared[0]] * (batch - len(prepared))  # padding rows repeat the first request
-        plan, inputs = self._inputs(rows, timings)
-        with self._stage(timings, "denoise_decode_ms"):
-            if on_step is None:
-                images = sharding.to_host(self.sampler.generate(plan, inputs))
-            else:
-                images = sharding.to_host(self.sampler.generate_stepwise(plan, inputs, on_step, timings))
-        timings["batch_size"] = batch
-        self.last_timings = timings
-        return images[: len(prepared)]
+        return [prepared[i:i + largest] for i in range(0, len(prepared), largest)]
+
+    def _padded_inputs(self, chunk: list[PreparedRequest], timings: dict[str, float]) -> tuple[GeneratePlan, dict]:
+        timings["batch_size"] = batch = self._batch_size(len(chunk))
+        rows = chunk + [chunk[0]] * (batch - len(chunk))  # padding rows repeat the first request
+        return self._inputs(rows, timings)
+
+    def _dispatch(self, prepared: list[PreparedRequest]) -> PendingBatch:
+        images, counts, timings = [], [], {}
+        for chunk in self._chunks(prepared):
+            timings = {}
+            plan, inputs = self._padded_inputs(chunk, timings)
+            with self._stage(timings, "denoise_decode_ms"):  # the dispatch here, the wait in _collect
+                images.append(self.sampler.generate(plan, inputs))
+            counts.append(len(chunk))
+        return PendingBatch(tuple(images), tuple(counts), timings)
+
+    def _collect(self, pending: PendingBatch) -> np.ndarray:
+        with self._stage(pending.timings, "denoise_decode_ms"):
+            images = [sharding.to_host(chunk)[:count] for chunk, count in zip(pending.images, pending.counts)]
+        self.last_timings = pending.timings
+        return np.concatenate(images)
+
+    def _run(self, prepared: Sequence[PreparedRequest], on_step=None) -> np.ndarray:
+        prepared = self._checked(prepared)
+        if on_step is None:
+            return self._collect(self._dispatch(prepared))
+        images = []
+        for chunk in self._chunks(prepared):
+            timings: dict[str, float] = {}
+            plan, inputs = self._padded_inputs(chunk, timings)
+            with self._stage(timings, "denoise_decode_ms"):
+                images.append(sharding.to_host(self.sampler.generate_stepwise(plan, inputs, on_step, timings)))
+            images[-1] = images[-1][: len(chunk)]
+            self.last_timings = timings
+        return np.concatenate(images)
 
     @contextlib.contextmanager
     def _stage(self, timings: dict[str, float], name: str):

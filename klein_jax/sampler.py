@@ -32,6 +32,7 @@ import numpy as np
 from flax import nnx
 
 from klein_jax.lora.apply import LoraLayout, apply_lora
+from klein_jax.lora.lokr import lokr_specs
 from klein_jax import sharding
 from klein_jax.models.kv_cache import ReferenceKV, reference_kv, reference_kv_shapes
 from klein_jax.models.transformer import round_to_dtype
@@ -169,6 +170,11 @@ def _size(batch: int, grid: tuple[int, int], pixels_per_token: int) -> str:
 
 
 Plan = TextPlan | ReferencePlan | GeneratePlan | StepPlan | KVCachePlan | DecodePlan | NoisePlan
+
+# Arguments a program donates (XLA writes its output into them). Only a step's latents qualify: a donated buffer is
+# reused only for an output of its shape and dtype, and no other program has one (text ids, images, key data, noise and
+# the decode's latents differ from their outputs; weights, inputs and the KV cache are read again).
+DONATED_ARGUMENTS: dict[type, tuple[int, ...]] = {StepPlan: (1,)}
 
 
 def seed_key_data(seed: int) -> np.ndarray:
@@ -373,7 +379,8 @@ class Sampler:
         # JAX's default float32 matmul on a GPU is TF32 and torch's is not: float32 parity needs HIGHEST.
         full = self.dtype == jnp.float32
         with jax.default_matmul_precision("highest") if full else contextlib.nullcontext():
-            return jax.jit(fn, out_shardings=sharding.batch_sharding(self.mesh, plan.batch)).lower(*args)
+            return jax.jit(fn, out_shardings=sharding.batch_sharding(self.mesh, plan.batch),
+                           donate_argnums=DONATED_ARGUMENTS.get(type(plan), ())).lower(*args)
 
     def program(self, plan: Plan) -> jax.stages.Compiled:
         """The compiled program of `plan`, compiling it (ahead of time) on first use."""
@@ -429,6 +436,8 @@ class Sampler:
             specs["lora"] = {"down": tuple(self._shared((fan_in, R), self.dtype) for _, fan_in, _ in targets),
                              "up": tuple(self._shared((R, fan_out), self.dtype) for _, _, fan_out in targets),
                              "weights": self._shared((R,), np.float32)}
+            if plan.lora.lokr:
+                specs["lora"] |= lokr_specs(plan.lora.lokr, self._shared, self.dtype)
         return specs
 
     def reference_kv_specs(self, plan: GeneratePlan) -> ReferenceKV:
@@ -467,8 +476,8 @@ class Sampler:
             cache = kv_program(self._transformer_state, *_placed(kv_program, 1, _kv_cache_inputs(inputs)))
             inputs = {**inputs, "ref_kv": cache}
         (inputs,) = _placed(step_program, 3, inputs)  # placed once for every step
-        if noise_program is None:
-            latents = sharding.put(inputs["noise"], sharding.batch_sharding(self.mesh, plan.batch))
+        if noise_program is None:  # a buffer of its own: the step program donates its latents
+            latents = sharding.put(np.asarray(inputs["noise"]), sharding.batch_sharding(self.mesh, plan.batch))
         else:
             latents = noise_program(*_placed(noise_program, 0, inputs["key_data"]))
         for i in range(plan.steps):

@@ -4,9 +4,9 @@ The only module that names mesh axes. `data` splits the batch; `model` splits th
 encoder's weights Megatron-style: a column-parallel projection (its output features split, so whole attention heads
 or MLP units land on one device) feeds a row-parallel one (its input features split), so each attention and each MLP
 needs one all-reduce of its output. Which parameter is split how is one table, PARTITION_RULES (parameter path regex ->
-PartitionSpec, first match wins, as big_vision and maxtext write it); the models name no axis. Norms, embeddings,
-the modulation and input/output projections and the whole VAE are replicated: they are small, and the VAE's
-activations (the large part of its cost) follow the batch over `data`.
+PartitionSpec, first match wins, as big_vision and maxtext write it); the models name no axis. The large tensors
+outside the blocks (the Qwen3 token embedding, the transformer's modulations) are split too; norms, the small
+projections and the whole VAE are replicated: the VAE's activations (the large part of its cost) follow the batch.
 
 A model axis that does not divide a head count or an MLP width is an error, not a silent fallback to replicated
 weights: a fallback would need up to model-axis times the memory the user planned for (check_model_axis).
@@ -23,6 +23,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from klein_jax.quantization import QuantizedArray
+
 log = logging.getLogger(__name__)
 
 DATA, MODEL = "data", "model"
@@ -36,6 +38,12 @@ _QWEN = r"text_encoder/layers/\d+"
 
 # "component/path/of/the/parameter" (nnx state paths joined by "/") -> how it is split; first match wins.
 PARTITION_RULES: tuple[tuple[str, P], ...] = (
+    # Fused projections (klein_jax/models/fused.py), the model's layout: the group axis G is split, so each device
+    # holds whole heads and MLP units of q|k|v, gate|value and attn|mlp alike (no all-to-all, one all-reduce).
+    (_SINGLE + r"/attn/to_out/grouped_kernel", P(MODEL, None, None)),  # (G, C, out): row-parallel
+    (r"transformer/.*/grouped_kernel", P(None, MODEL, None)),  # (in, G, C): column-parallel
+    # The rows below up to the Qwen3 ones are the storage layout (checkpoint tensors, placed shard by shard at load
+    # before fill_module fuses them into the rows above).
     # Flux2TransformerBlock: per-stream q/k/v column (heads), the output projections row.
     (_DOUBLE + r"/attn/(to_q|to_k|to_v|add_q_proj|add_k_proj|add_v_proj)/kernel", _COLUMN),
     (_DOUBLE + r"/attn/(to_out|to_add_out)/kernel", _ROW),
@@ -50,7 +58,17 @@ PARTITION_RULES: tuple[tuple[str, P], ...] = (
     (_QWEN + r"/self_attn/o_proj/kernel", _ROW),
     (_QWEN + r"/mlp/(gate_proj|up_proj)/kernel", _COLUMN),
     (_QWEN + r"/mlp/down_proj/kernel", _ROW),
-    # Everything else: norms, embeddings, modulation, input/output projections, the VAE.
+    # Large tensors outside the blocks, split so that no device holds them whole (0.7 + 0.3 GiB of klein-4B): the
+    # Qwen3 token embedding (vocab, hidden) over hidden (a lookup gives each device its slice of every row), the
+    # transformer's shared modulations, text input and output modulation row-wise: their inputs are replicated, so
+    # each device uses its slice and one all-reduce leaves the output whole (split column-wise, the output's D-split
+    # spread into the residual stream: an all-gather before every block matmul and collective-permutes in every
+    # modulation split, benchmarks/fused_projections.py).
+    (r"text_encoder/embed_tokens/embedding", _COLUMN),
+    (r"transformer/(double_stream_modulation_img|double_stream_modulation_txt|single_stream_modulation|norm_out)"
+     r"/linear/kernel", _ROW),
+    (r"transformer/context_embedder/kernel", _ROW),
+    # Everything else: norms, the timestep embedding, x_embedder, proj_out, the VAE.
     (r".*", P()),
 )
 _RULES = tuple((re.compile(pattern), spec) for pattern, spec in PARTITION_RULES)
@@ -58,7 +76,7 @@ _RULES = tuple((re.compile(pattern), spec) for pattern, spec in PARTITION_RULES)
 # Config fields that the model axis must divide, per component: each names a count that is split across devices.
 SPLIT_SIZES: dict[str, tuple[str, ...]] = {
     "transformer": ("num_attention_heads", "mlp_hidden_dim"),
-    "text_encoder": ("num_attention_heads", "num_key_value_heads", "intermediate_size"),
+    "text_encoder": ("num_attention_heads", "num_key_value_heads", "intermediate_size", "hidden_size"),
 }
 
 Path = tuple[Any, ...]
@@ -188,6 +206,8 @@ def put(value, sharding: jax.sharding.Sharding, cast: Callable[[np.ndarray], np.
     slices). `cast` converts each slice (e.g. to the module's dtype). An abstract value (jax.ShapeDtypeStruct, as
     nnx.eval_shape makes) gets the sharding and nothing is allocated: programs can then be lowered without weights.
     """
+    if isinstance(value, QuantizedArray):  # an fp8 kernel: its values as the kernel, its scale along the outputs
+        return value.place(put, sharding)
     if isinstance(value, jax.ShapeDtypeStruct):
         return jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=sharding)
     if isinstance(value, jax.Array):

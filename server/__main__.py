@@ -55,6 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"serve a tiny in-memory model with random weights (noise images) as {DEFAULT_MODEL_ID}")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default=_env("DTYPE", "bfloat16"),
                    help="compute and parameter dtype of --model")
+    p.add_argument("--quantization", type=_quantization, default=_env("QUANTIZATION"), metavar="fp8",
+                   help="fp8: the transformer's block kernels stored as float8 e4m3 with a scale per output channel "
+                        "(half their memory; docs/benchmarks.md has its PSNR)")
+    p.add_argument("--attention", type=_attention, default=_env("ATTENTION"), metavar="xla|cudnn|pallas",
+                   help="the transformer's attention backend (default: cudnn on GPU in bfloat16, else xla; pallas: "
+                        "the TPU splash kernel)")
     p.add_argument("--host", default=_env("HOST", "127.0.0.1"), help="address to listen on")
     p.add_argument("--port", type=int, default=_env("PORT", "8000"), help="port to listen on (0: any free port)")
     p.add_argument("--no-auth", action="store_true", default=_env("NO_AUTH", "").lower() in _TRUE,
@@ -110,6 +116,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="persistent JAX compilation cache: later starts load programs instead of compiling")
     p.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"), choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     return p
+
+
+def _attention(value: str) -> str:
+    from klein_jax.models.attention import BACKENDS
+
+    if value not in BACKENDS:
+        raise argparse.ArgumentTypeError(f"attention {value!r} is not one of {', '.join(BACKENDS)}")
+    return value
+
+
+def _quantization(value: str) -> str:
+    from klein_jax.quantization import check_quantization
+
+    try:
+        return check_quantization(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _mesh(value: str) -> str:
@@ -213,13 +236,16 @@ def _load_models(args: argparse.Namespace, sources: dict[str, str]) -> dict:
     if args.demo:
         from klein_jax.demo import build_demo_pipeline
 
-        models[DEFAULT_MODEL_ID] = build_demo_pipeline(mesh=args.mesh)
+        models[DEFAULT_MODEL_ID] = build_demo_pipeline(mesh=args.mesh, quantization=args.quantization,
+                                                       attention=args.attention)
         log.warning("--demo: serving a tiny model with random weights as %s; its images are noise", DEFAULT_MODEL_ID)
     if sources:
         from klein_jax import KleinPipeline
 
         for model_id, src in sources.items():
-            models[model_id] = KleinPipeline.from_pretrained(src, dtype=args.dtype, mesh=args.mesh)
+            models[model_id] = KleinPipeline.from_pretrained(src, dtype=args.dtype, mesh=args.mesh,
+                                                             quantization=args.quantization,
+                                                             attention=args.attention)
             log.info("loaded model %s from %s", model_id, src)
     for pipe in models.values():  # every model gets every adapter; a request picks one with the lora field
         for name, path, scale in args.loras:

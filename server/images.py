@@ -1,5 +1,5 @@
 """Decoding reference images from untrusted bytes: real formats only, bounded pixels (per image, and across requests
-through PixelBudget), EXIF orientation applied.
+through PixelBudget), EXIF orientation applied; and PNG encoding of the generated images (PngEncoder).
 
 A decoded image keeps its own mode: klein_jax.images converts to RGB after resizing, as diffusers does (an RGBA
 image over 1 MP is resized with its alpha, a palette image with NEAREST, and only then converted). Only 16-bit
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import io
 
 import numpy as np
@@ -121,3 +122,27 @@ class PixelBudget:
             if not waiter.done():
                 self.used += pixels
                 waiter.set_result(None)
+
+
+def encode_png(image: Image.Image, compress_level: int) -> bytes:
+    """The PNG bytes of a generated image."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", compress_level=compress_level)
+    return buffer.getvalue()
+
+
+class PngEncoder:
+    """PNG encoding on threads of its own: a batch's images encode in parallel (Pillow releases the GIL while zlib
+    compresses), beside the device's next batch, and never queue behind reference decoding in the default pool."""
+
+    def __init__(self, compress_level: int, threads: int):
+        self.compress_level = compress_level
+        self._pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="klein-png")
+
+    async def encode(self, image: Image.Image) -> bytes:
+        """encode_png on one of the pool's threads."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool, encode_png, image, self.compress_level)
+
+    def close(self) -> None:
+        """Stops the threads once the encodings under way end."""
+        self._pool.shutdown(wait=False, cancel_futures=True)

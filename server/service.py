@@ -10,9 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import io
 import logging
 import math
+import os
 import time
 from collections.abc import Awaitable, Iterator, Mapping
 from typing import Any, TypeVar
@@ -22,7 +22,7 @@ from PIL import Image
 from server.errors import RequestError
 from server.fetch import ImageFetcher
 from server.forms import GenerateForm
-from server.images import PixelBudget, decode_image, image_pixels
+from server.images import PixelBudget, PngEncoder, decode_image, image_pixels
 from server.metrics import Metrics
 from server.settings import Settings
 from server.worker import DeviceWorker, Job, Overloaded, QueueFull, WorkerStopped
@@ -50,6 +50,8 @@ class GenerateService:
         self.fetcher = fetcher
         self.compiled_programs = 0
         self.budget = PixelBudget(settings.max_decoded_pixels)
+        # One thread per image of a full batch, as far as the cores go: a batch's PNGs are encoded side by side.
+        self.png = PngEncoder(settings.png_compress_level, threads=max(2, min(settings.max_batch, os.cpu_count() or 1)))
         self.worker = DeviceWorker(self.models, max_queue=settings.max_queue, max_batch=settings.max_batch,
                                    batch_wait_s=settings.batch_wait_ms / 1000.0, metrics=metrics,
                                    warm_up=self._compile_all)
@@ -72,6 +74,7 @@ class GenerateService:
         # A batch still on the device (one that overran the drain time; its requests were answered 503) is waited
         # for: the interpreter must not tear the runtime down under a running program (XLA aborts the process).
         await asyncio.to_thread(self.worker.stop, self.settings.timeout_s)
+        self.png.close()
         await self.fetcher.aclose()
 
     def drain(self, timeout_s: float) -> None:
@@ -163,7 +166,7 @@ class GenerateService:
         if image.size != (width, height):
             raise RuntimeError(f"the pipeline returned a {image.size} image for {width}x{height}")
         with _timed(timings, "encode"):
-            png = await asyncio.to_thread(_encode_png, image, self.settings.png_compress_level)
+            png = await self.png.encode(image)
         return Generated(png=png, seed=int(prepared.seed), batch_size=batch_size)
 
     async def _prepare(self, form: GenerateForm, timings: dict[str, float]) -> Any:
@@ -257,9 +260,3 @@ def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
         yield
     finally:
         timings[stage] = (time.perf_counter() - start) * 1000.0
-
-
-def _encode_png(image: Image.Image, compress_level: int) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", compress_level=compress_level)
-    return buffer.getvalue()

@@ -1,8 +1,11 @@
-"""The device worker: one thread that owns the models, fed by a bounded queue, running requests in batches.
+"""The device worker: two threads that own the models, fed by a bounded queue, running requests in batches.
 
-The event loop only enqueues and awaits futures; every model call (compile at start-up, run_batch per batch)
-runs on this thread. Requests whose pipeline batch_key is equal (same model, size and reference shapes) are
-run together, up to max_batch, waiting at most batch_wait_s for companions.
+The event loop only enqueues and awaits futures. The device thread compiles at start-up, then forms batches:
+requests whose pipeline batch_key is equal (same model, size and reference shapes) run together, up to max_batch,
+waiting batch_wait_s for companions, or as long as the device is still busy with an earlier batch. A pipeline with
+`start_batch` / `finish_batch` is pipelined: the device thread builds batch N+1's inputs and dispatches it while the
+finisher thread waits for batch N's images and delivers them, so at most two batches are in flight and the device
+does not wait for the host between full batches. A pipeline with only `run_batch` runs one batch at a time.
 
 Admission uses measured batch times (a moving average per batch key): a request that would wait past its time
 limit is refused at once instead of timing out later. A batch that raises, BaseException included, answers its
@@ -15,6 +18,7 @@ import asyncio
 import collections
 import dataclasses
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable, Hashable, Mapping
@@ -63,8 +67,23 @@ class Job:
         return self.model_id, self.prepared.batch_key
 
 
+@dataclasses.dataclass(eq=False)
+class _Batch:
+    """Jobs on their way from the device thread to the finisher thread."""
+
+    jobs: list[Job]
+    started_s: float
+    pending: Any = None  # start_batch's result, or run_batch's images
+    error: BaseException | None = None  # start_batch or run_batch raised it
+    compiled_before: int | None = None  # the pipeline's compile_count before the batch
+
+    @property
+    def key(self) -> tuple[str, Hashable]:
+        return self.jobs[0].key
+
+
 class DeviceWorker:
-    """A thread that first runs `warm_up` (compiling), then serves batches from a bounded FIFO queue."""
+    """Threads that first run `warm_up` (compiling), then serve batches from a bounded FIFO queue."""
 
     def __init__(self, models: Mapping[str, Any], *, max_queue: int, max_batch: int, batch_wait_s: float,
                  metrics: Metrics, warm_up: Callable[[], None]):
@@ -80,10 +99,15 @@ class DeviceWorker:
         self._cond = threading.Condition()
         self._stopping = False
         self._drain_deadline: float | None = None  # perf_counter time; set by drain()
-        self._running: tuple[Hashable, float, list[Job]] | None = None  # (key, start, jobs) of the batch running
-        self._batch_s: dict[Hashable, float] = {}  # moving average of batch times per key
+        # Batches dispatched and not yet delivered, oldest first: two when every model can be pipelined.
+        self._in_flight: collections.deque[_Batch] = collections.deque()
+        self._max_in_flight = 2 if all(hasattr(m, "start_batch") for m in self.models.values()) else 1
+        self._device_free_s = 0.0  # perf_counter time the last batch's images were ready
+        self._batch_s: dict[Hashable, float] = {}  # moving average of device time per batch, per key
         self._any_batch_s: float | None = None  # the same over every key, for keys not run yet
+        self._finishing: queue.SimpleQueue[_Batch | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="klein-device-worker", daemon=True)
+        self._finisher = threading.Thread(target=self._run_finisher, name="klein-finisher", daemon=True)
 
     @property
     def depth(self) -> int:
@@ -92,15 +116,16 @@ class DeviceWorker:
 
     @property
     def alive(self) -> bool:
-        """True while the thread runs."""
-        return self._thread.is_alive()
+        """True while both threads run."""
+        return self._thread.is_alive() and self._finisher.is_alive()
 
     def start(self) -> None:
-        """Starts the thread; it compiles, sets `ready`, then serves the queue."""
+        """Starts the threads; the device thread compiles, sets `ready`, then serves the queue."""
+        self._finisher.start()
         self._thread.start()
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        """Fails every waiting request with WorkerStopped and waits for the running batch to finish."""
+        """Fails every waiting request with WorkerStopped and waits for the batches in flight to finish."""
         with self._cond:
             self._stopping = True
             pending = list(self._queue)
@@ -109,8 +134,13 @@ class DeviceWorker:
             self._cond.notify_all()
         for job in pending:
             _deliver(job, WorkerStopped("the server is shutting down"))
+        deadline = time.monotonic() + timeout_s
         if self._thread.is_alive():
             self._thread.join(timeout_s)
+        if not self._thread.ident:  # never started: nothing in flight, and no end-of-work mark for the finisher
+            self._finishing.put(None)
+        if self._finisher.is_alive():
+            self._finisher.join(max(deadline - time.monotonic(), 0.0))
 
     def drain(self, deadline_s: float) -> None:
         """Takes no more jobs; queued ones run while they can finish by deadline_s (perf_counter time), as far as
@@ -140,10 +170,10 @@ class DeviceWorker:
         with self._cond:
             if self._stopping or self.failure or self._drain_deadline is not None:
                 raise WorkerStopped("the server is shutting down")
-            running = len(self._running[2]) if self._running else 0
-            if len(self._queue) + running >= self.max_queue + self.max_batch:
+            running = sum(len(batch.jobs) for batch in self._in_flight)
+            if len(self._queue) + running >= self.max_queue + self.max_batch * max(len(self._in_flight), 1):
                 raise QueueFull()
-            if max_wait_s is not None and (self._queue or self._running):
+            if max_wait_s is not None and (self._queue or self._in_flight):
                 estimate = self._estimate_s(job)
                 if estimate is not None and estimate > max_wait_s:
                     raise Overloaded(len(self._queue), estimate)
@@ -186,11 +216,16 @@ class DeviceWorker:
         return plan
 
     def _running_remaining_s(self, now: float) -> float | None:
-        if self._running is None:
-            return 0.0
-        key, started, _ = self._running
-        batch_s = self._batch_time(key)
-        return None if batch_s is None else max(batch_s - (now - started), 0.0)
+        """Device time left for the batches in flight (the oldest one started on the device first)."""
+        total = 0.0
+        for index, batch in enumerate(self._in_flight):
+            batch_s = self._batch_time(batch.key)
+            if batch_s is None:
+                return None
+            if index == 0:
+                batch_s -= now - max(batch.started_s, self._device_free_s)
+            total += max(batch_s, 0.0)
+        return total
 
     def _estimate_s(self, job: Job) -> float | None:
         """Seconds from now until `job`, appended to the queue, would be done; None without measurements."""
@@ -213,37 +248,59 @@ class DeviceWorker:
         except BaseException as e:  # noqa: BLE001 - reported through /readyz and the log
             log.exception("start-up failed; the server will not become ready")
             self.failure = f"{type(e).__name__}: {e}"
+            self._finishing.put(None)
             return
         self.ready.set()
         try:
             while (batch := self._next_batch()) is not None:
-                self._execute(batch)
+                self._start(batch)
+                self._finishing.put(batch)
         except BaseException as e:  # noqa: BLE001 - a bug in the loop itself: stop taking work, say so in /readyz
-            log.exception("the device worker stopped")
-            with self._cond:
-                self.failure = f"{type(e).__name__}: {e}"
-                pending = list(self._queue)
-                self._queue.clear()
-                self._set_depth()
-            for job in pending:
-                _deliver(job, WorkerStopped("the device worker stopped; see the server log"))
+            self._fail("the device worker", e, in_flight=False)
+        finally:
+            self._finishing.put(None)  # the finisher ends once the batches in flight are delivered
 
-    def _next_batch(self) -> list[Job] | None:
-        """The oldest job and up to max_batch - 1 later ones with its key, waiting batch_wait_s for them."""
+    def _run_finisher(self) -> None:
+        try:
+            while (batch := self._finishing.get()) is not None:
+                self._finish(batch)
+        except BaseException as e:  # noqa: BLE001 - as in _run
+            self._fail("the finisher", e, in_flight=True)
+
+    def _fail(self, name: str, error: BaseException, *, in_flight: bool) -> None:
+        """A thread's loop failed: no more work (/readyz says so); queued jobs, and with in_flight those dispatched
+        (nobody will finish them), get WorkerStopped."""
+        log.exception("%s stopped", name)
+        with self._cond:
+            self.failure = f"{type(error).__name__}: {error}"
+            pending = list(self._queue)
+            if in_flight:
+                pending += [job for batch in self._in_flight for job in batch.jobs]
+            self._queue.clear()
+            self._set_depth()
+            self._cond.notify_all()
+        for job in pending:
+            _deliver(job, WorkerStopped("the device worker stopped; see the server log"))
+
+    def _next_batch(self) -> _Batch | None:
+        """The oldest job and up to max_batch - 1 later ones with its key, waiting batch_wait_s for them, or while
+        the device is busy with an earlier batch (a partial batch then fills at no cost)."""
         with self._cond:
             while True:
-                while not self._queue and not self._stopping:
+                while ((not self._queue or len(self._in_flight) >= self._max_in_flight) and not self._stopping
+                       and not self.failure):
                     self._cond.wait()
-                if self._stopping:
+                if self._stopping or self.failure:
                     return None
                 key = self._queue[0].key
                 limit = self._limit(self._queue[0])
                 deadline = time.monotonic() + self.batch_wait_s
-                while self._count(key) < limit and not self._stopping and self._drain_deadline is None:
+                while (self._count(key) < limit and not self._stopping and not self.failure
+                       and self._drain_deadline is None):
                     remaining = deadline - time.monotonic()
-                    if remaining <= 0:
+                    if remaining <= 0 and not self._in_flight:
                         break
-                    self._cond.wait(remaining)
+                    self._cond.wait(remaining if remaining > 0 else None)
                 batch = [job for job in self._queue if job.key == key][:limit]
                 for job in batch:
                     self._queue.remove(job)
@@ -251,52 +308,73 @@ class DeviceWorker:
                 if not batch:
                     continue  # every job of that key was cancelled while we waited
                 start = time.perf_counter()
-                batch_s = self._batch_time(key)
-                if self._drain_deadline is not None and batch_s is not None and start + batch_s > self._drain_deadline:
+                batch_s, ahead_s = self._batch_time(key), self._running_remaining_s(start)
+                if (self._drain_deadline is not None and batch_s is not None and ahead_s is not None
+                        and start + ahead_s + batch_s > self._drain_deadline):
                     for job in batch:
                         _deliver(job, _cannot_finish())
                     continue
                 for job in batch:
                     job.started_s = start
                     job.batch_size = len(batch)
-                self._running = (key, start, batch)
-                return batch
+                running = _Batch(batch, start)
+                self._in_flight.append(running)
+                return running
 
     def _count(self, key: tuple[str, Hashable]) -> int:
         return sum(1 for job in self._queue if job.key == key)
 
-    def _execute(self, batch: list[Job]) -> None:
-        self.metrics.batch_size.observe(len(batch))
-        pipe = self.models[batch[0].model_id]
-        compiled_before = getattr(pipe, "compile_count", None)
-        start = time.perf_counter()
+    def _start(self, batch: _Batch) -> None:
+        """On the device thread: the batch's inputs built and its programs dispatched (start_batch), or the whole
+        batch run (run_batch). A failure is kept on the batch for the finisher to answer."""
+        self.metrics.batch_size.observe(len(batch.jobs))
+        pipe = self.models[batch.jobs[0].model_id]
+        batch.compiled_before = getattr(pipe, "compile_count", None)
+        prepared = [job.prepared for job in batch.jobs]
         try:
-            images = pipe.run_batch([job.prepared for job in batch])
-            if len(images) != len(batch):
-                raise RuntimeError(f"run_batch returned {len(images)} images for {len(batch)} requests")
-            results: list[Any] = list(images)
+            batch.pending = pipe.start_batch(prepared) if self._max_in_flight > 1 else pipe.run_batch(prepared)
+        except BaseException as e:  # noqa: BLE001 - answered per request by _finish; the thread goes on
+            batch.error = e
+
+    def _finish(self, batch: _Batch) -> None:
+        """On the finisher thread: waits for the batch's images (finish_batch) and delivers them, or its error."""
+        pipe = self.models[batch.jobs[0].model_id]
+        results: list[Any]
+        try:
+            if batch.error is not None:
+                raise batch.error
+            images = pipe.finish_batch(batch.pending) if self._max_in_flight > 1 else batch.pending
+            if len(images) != len(batch.jobs):
+                raise RuntimeError(f"run_batch returned {len(images)} images for {len(batch.jobs)} requests")
+            results = list(images)
         except Exception as e:  # noqa: BLE001 - each request answers 500 and logs it with its id
             self.metrics.batch_failures.inc()
-            results = [e] * len(batch)
+            results = [e] * len(batch.jobs)
         except BaseException as e:  # noqa: BLE001 - not an Exception (an abort, SystemExit...): the thread goes on
-            log.exception("a batch of %d raised %s; its requests answer 500", len(batch), type(e).__name__)
+            log.exception("a batch of %d raised %s; its requests answer 500", len(batch.jobs), type(e).__name__)
             self.metrics.batch_failures.inc()
-            results = [RuntimeError(f"the device worker's batch raised {type(e).__name__}")] * len(batch)
+            results = [RuntimeError(f"the device worker's batch raised {type(e).__name__}")] * len(batch.jobs)
+        batch.pending = batch.error = None  # the device arrays and any traceback go now
         finished = time.perf_counter()
         # A batch that failed, or compiled a program on first use, is no measure of the next one.
-        measured = not isinstance(results[0], BaseException) and getattr(pipe, "compile_count", None) == compiled_before
-        self._done(batch[0].key, finished - start if measured else None)
-        for job, result in zip(batch, results):
+        measured = (not isinstance(results[0], BaseException)
+                    and getattr(pipe, "compile_count", None) == batch.compiled_before)
+        self._done(batch, finished, measured)
+        for job, result in zip(batch.jobs, results):
             job.finished_s = finished
             _deliver(job, result)
 
-    def _done(self, key: Hashable, seconds: float | None) -> None:
-        """The running batch is over (before its results are delivered): the device is idle for submit()."""
+    def _done(self, batch: _Batch, finished_s: float, measured: bool) -> None:
+        """The batch is off the device (before its results are delivered): its device time, from when the device
+        was free of the batch before it, feeds the moving averages."""
         with self._cond:
-            self._running = None
-            if seconds is not None:
-                self._batch_s[key] = _average(self._batch_s.get(key), seconds)
+            self._in_flight.remove(batch)
+            if measured:
+                seconds = finished_s - max(batch.started_s, self._device_free_s)
+                self._batch_s[batch.key] = _average(self._batch_s.get(batch.key), seconds)
                 self._any_batch_s = _average(self._any_batch_s, seconds)
+            self._device_free_s = finished_s
+            self._cond.notify_all()
 
     def _set_depth(self) -> None:
         self.metrics.queue_depth.set(len(self._queue))

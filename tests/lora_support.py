@@ -84,3 +84,72 @@ def write_tensors(path: pathlib.Path, tensors: dict[str, torch.Tensor]) -> pathl
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in tensors.items()}, path)
     return path
+
+
+# ------------------------------------------------------------------------------------------------------- LoKr
+# LoKr modules (diffusers names, (in, out) in the tiny transformer); decompose factor 4 as ai-toolkit's, so that
+# diffusers' _create_lokr_config infers the same Kronecker factorisation.
+def _lokr_shapes(fused: bool, config: TransformerConfig = TINY_TRANSFORMER) -> dict[str, tuple[int, int]]:
+    D, M = config.inner_dim, config.mlp_hidden_dim
+    shapes = {"transformer_blocks.0.attn.to_out.0": (D, D), "transformer_blocks.0.ff.linear_in": (D, 2 * M),
+              "transformer_blocks.0.ff_context.linear_out": (M, D),
+              "single_transformer_blocks.0.attn.to_qkv_mlp_proj": (D, 3 * D + 2 * M),
+              "single_transformer_blocks.1.attn.to_out": (D + M, D)}
+    if fused:
+        return shapes | {"transformer_blocks.0.attn.to_qkv": (D, 3 * D), "transformer_blocks.0.attn.to_added_qkv": (D, 3 * D)}
+    return shapes | {"transformer_blocks.0.attn.to_q": (D, D), "transformer_blocks.0.attn.add_k_proj": (D, D)}
+
+
+def lokr_parts(*, seed: int, fused: bool, scale: float = 0.3, rank: int = 4) -> dict[str, dict[str, torch.Tensor]]:
+    """diffusers module -> LoKr tensors with an alpha: w1 (4, 4) full; w2 low-rank (w2_a @ w2_b, rank 4) where
+    peft would decompose it (rank < max(w2 dims) / 2), else full (its alpha is dropped); the single block's
+    to_qkv_mlp_proj has both factors low-rank at rank 1."""
+    rng = np.random.default_rng(seed)
+
+    def normal(*shape):
+        return torch.from_numpy(scale * rng.standard_normal(shape, np.float32))
+
+    out = {}
+    for module, (fan_in, fan_out) in _lokr_shapes(fused).items():
+        b, d = fan_out // 4, fan_in // 4
+        if module.endswith("to_qkv_mlp_proj"):
+            parts = {"lokr_w1_a": normal(4, 1), "lokr_w1_b": normal(1, 4), "lokr_w2_a": normal(b, 1),
+                     "lokr_w2_b": normal(1, d)}
+        elif rank < max(b, d) / 2:
+            parts = {"lokr_w1": normal(4, 4), "lokr_w2_a": normal(b, rank), "lokr_w2_b": normal(rank, d)}
+        else:
+            parts = {"lokr_w1": normal(4, 4), "lokr_w2": normal(b, d)}
+        out[module] = parts | {"alpha": torch.tensor(2.0)}
+    return out
+
+
+_BFL_LOKR = {"transformer_blocks.0.attn.to_qkv": "double_blocks.0.img_attn.qkv",
+             "transformer_blocks.0.attn.to_added_qkv": "double_blocks.0.txt_attn.qkv",
+             "transformer_blocks.0.attn.to_out.0": "double_blocks.0.img_attn.proj",
+             "transformer_blocks.0.ff.linear_in": "double_blocks.0.img_mlp.0",
+             "transformer_blocks.0.ff_context.linear_out": "double_blocks.0.txt_mlp.2",
+             "single_transformer_blocks.0.attn.to_qkv_mlp_proj": "single_blocks.0.linear1",
+             "single_transformer_blocks.1.attn.to_out": "single_blocks.1.linear2"}
+
+
+def lokr_tensors(parts: dict[str, dict[str, torch.Tensor]], naming: str) -> dict[str, torch.Tensor]:
+    """The LoKr file in one naming diffusers reads for FLUX.2: "bfl" (diffusion_model.<BFL name>), "lycoris"
+    (lycoris_<underscored diffusers name>), "bare" (diffusers names + alpha) or "transformer" (transformer.<name>,
+    alpha baked into w1 as diffusers' _bake_lokr_alpha_ does, since diffusers refuses alpha keys there)."""
+    out = {}
+    for module, tensors in parts.items():
+        if naming == "bfl":
+            prefix = f"diffusion_model.{_BFL_LOKR[module]}"
+        elif naming == "lycoris":
+            prefix = "lycoris_" + module.replace(".", "_")
+        else:
+            prefix = module if naming == "bare" else f"transformer.{module}"
+        tensors = dict(tensors)
+        if naming == "transformer":
+            alpha = float(tensors.pop("alpha"))
+            low = tensors.get("lokr_w2_b", tensors.get("lokr_w1_b"))
+            if low is not None:
+                key = "lokr_w1" if "lokr_w1" in tensors else "lokr_w1_a"
+                tensors[key] = tensors[key] * (alpha / low.shape[0])
+        out |= {f"{prefix}.{k}": v for k, v in tensors.items()}
+    return out

@@ -1,13 +1,15 @@
 """Subprocess side of tests/test_sharding.py: runs with several (fake CPU) devices, which must be set before JAX starts.
 
-  python tests/sharding_worker.py FOLDER OUT RUN...     for each RUN, FORMAT:MESH[:full] (FORMAT "klein" or
-                                                        "diffusers", MESH "" for one device): load FOLDER/FORMAT
-                                                        sharded over MESH, generate, write OUT/<run>-p<process>.npz
+  python tests/sharding_worker.py FOLDER OUT RUN...     for each RUN, FORMAT:MESH[:EXTRA[+EXTRA]] (FORMAT "klein"
+                                                        or "diffusers", MESH "" for one device, EXTRA "full" or
+                                                        "lora"): load FOLDER/FORMAT sharded over MESH, generate,
+                                                        write OUT/<run>-p<process>.npz
   python tests/sharding_worker.py FOLDER OUT RUN --distributed ADDRESS NUM_PROCESSES PROCESS_ID
                                                         the same as one process of a jax.distributed job
 
 Every run generates PROMPTS text-to-image without guidance; a `full` run also with classifier-free guidance and a
-reference image (the text encoder at batch 1, the reference encoder); a distributed run also as klein-serve does
+reference image (the text encoder at batch 1, the reference encoder); a `lora` run also with the LoRA adapter
+FOLDER/LORA_FILE (lora_images); a distributed run also as klein-serve does
 (distributed.Leader on process 0, distributed.follow on the others). Each npz holds the images and, per parameter,
 the partition spec and the shape of every local shard, plus the bytes each local device holds per component.
 `build_test_model` writes the shardable tiny model the tests use.
@@ -33,6 +35,7 @@ SHARDABLE_VAE = dataclasses.replace(TINY_VAE, layers_per_block=0, mid_block_add_
 SHARDABLE_TEXT_ENCODER = dataclasses.replace(TINY_TEXT_ENCODER, num_attention_heads=8, num_key_value_heads=8,
                                              head_dim=4)
 PROMPTS = ["a red cube on a table", "two cats"]
+LORA_FILE = "lora.safetensors"  # written by tests/test_sharding.py (kohya layout, tests/lora_support.py)
 SEEDS = [3, 11]
 SIZE = 32  # pixels: 8x8 tokens with the tiny VAE
 STEPS = 2
@@ -90,7 +93,7 @@ def placement(pipe) -> dict:
 
 
 def run_name(run: str) -> str:
-    """"klein:data=2,model=4:full" -> "klein-data2_model4-full" (a file name)."""
+    """"klein:data=2,model=4:full+lora" -> "klein-data2_model4-full+lora" (a file name)."""
     return run.replace(":", "-").replace(",", "_").replace("=", "") or "single"
 
 
@@ -101,13 +104,18 @@ def generate(folder: pathlib.Path, run: str) -> dict:
 
     from klein_jax.pipeline import KleinPipeline
 
-    form, mesh, *full = run.split(":")
+    form, mesh, *extras = run.split(":")
+    extras = set(extras[0].split("+")) if extras else set()
     pipe = KleinPipeline.from_pretrained(folder / form, "float32", mesh=mesh or None, reference_buckets=buckets())
     options = dict(width=SIZE, height=SIZE, num_inference_steps=STEPS, seed=SEEDS, output_type="np")
     out = {"images": pipe(PROMPTS, guidance_scale=1.0, **options), "placement": json.dumps(placement(pipe)),
            "batch_size": pipe.last_timings["batch_size"]}
-    if full:
+    if "full" in extras:
         out["full_images"] = pipe(PROMPTS, [reference_image()], **options)
+    if "lora" in extras:
+        pipe.load_lora_weights(folder / LORA_FILE, "style")
+        pipe.set_adapters("style")
+        out["lora_images"] = pipe(PROMPTS, guidance_scale=1.0, **options)
     if jax.process_count() > 1:
         out.update(serve(pipe))
     return out

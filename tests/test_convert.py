@@ -1,7 +1,6 @@
 """klein-convert and load_components on generated tiny pipelines, against the diffusers/transformers reference."""
 
 import contextlib
-import fnmatch
 import io
 import json
 import pathlib
@@ -15,11 +14,12 @@ import numpy as np
 import pytest
 import torch
 from conftest import assert_close
+from fake_hub import serve_folder_as_hub_repo
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 from tiny_pipeline import OUT_LAYERS_KEY, load_reference_pipeline, make_tiny_diffusers_pipeline
 
-from klein_jax.loading import checkpoint, hub
+from klein_jax.loading import checkpoint
 from convert.cli import main
 from klein_jax.loading import MANIFEST, load_components, open_source
 from klein_jax.loading import OUT_LAYERS_KEY as COMPONENTS_OUT_LAYERS_KEY
@@ -344,20 +344,7 @@ def fake_hub(tiny, tmp_path, monkeypatch):
     shutil.copytree(tiny["src"], remote)
     (remote / "flux-2-klein-tiny.safetensors").write_bytes(b"BFL single file: must never be downloaded")
     cache = tmp_path / "hub-cache" / "snapshot"
-    calls = []
-
-    def snapshot_download(repo_id, *, revision=None, allow_patterns=None):
-        calls.append((repo_id, revision, list(allow_patterns)))
-        if repo_id != REPO_ID:
-            raise OSError(f"404 Client Error. Repository Not Found for url: https://huggingface.co/{repo_id}")
-        for f in remote.rglob("*"):
-            rel = f.relative_to(remote).as_posix()
-            if f.is_file() and any(fnmatch.fnmatch(rel, p) for p in allow_patterns):
-                (cache / rel).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(f, cache / rel)
-        return str(cache)
-
-    monkeypatch.setattr(hub, "snapshot_download", snapshot_download)
+    calls = serve_folder_as_hub_repo(remote, REPO_ID, cache, monkeypatch)
     return {"calls": calls, "cache": cache, "remote": remote}
 
 

@@ -12,9 +12,9 @@ import functools
 
 import jax.numpy as jnp
 import numpy as np
-import PIL.Image
 import pytest
 import torch
+from test_pipeline_parity import flipped, max_abs, reference_images
 from tiny_pipeline import load_any_reference_pipeline
 
 from conftest import TEST_BUCKETS, noise, random_image
@@ -31,22 +31,6 @@ CLOSER = 0.1  # ours must be within CLOSER x what a flip or reordering of the re
 WIDTH, HEIGHT = 48, 32
 PROMPTS = ("make it blue", "the three together")
 CASES = [(1, 1), (1, 2), (3, 1), (3, 2)]  # (references, batch size)
-
-
-def reference_images(count: int, seed: int = 0) -> list[PIL.Image.Image]:
-    """1: an odd size (floored and centre-cropped to 72x64); 3: different sizes and modes."""
-    if count == 1:
-        return [random_image(75, 67, seed=1 + seed)]
-    return [random_image(64, 64, seed=2 + seed), random_image(90, 70, "RGBA", seed=3 + seed),
-            random_image(70, 101, "L", seed=4 + seed)]
-
-
-def flipped(images: list[PIL.Image.Image]) -> list[PIL.Image.Image]:
-    return [image.transpose(PIL.Image.Transpose.FLIP_LEFT_RIGHT) for image in images]
-
-
-def max_abs(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.abs(a.astype(np.float64) - b).max())
 
 
 @pytest.fixture(scope="module")

@@ -4,11 +4,12 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-from lora_support import bfl_tensors, kohya_tensors, write_peft_adapter, write_tensors
+from lora_support import bfl_tensors, kohya_tensors, lokr_parts, lokr_tensors, write_peft_adapter, write_tensors
 
 from klein_jax.configs import TINY_TRANSFORMER
 from klein_jax.lora import LORA_WEIGHT_NAME, LoraAdapters, linear_targets, read_lora_file
 from klein_jax.lora.adapter import peft_scaling
+from klein_jax.lora.lokr import kron_matmul
 from klein_jax.models.transformer import Flux2Transformer
 
 D = TINY_TRANSFORMER.inner_dim
@@ -87,8 +88,6 @@ def test_every_bad_key_is_named(targets, tmp_path):
     kohya["lora_te1_text_model_encoder.lora_down.weight"] = torch.ones(2, 4)
     with pytest.raises(ValueError, match="lora_te1_text_model_encoder"):
         lora.load(write_tensors(tmp_path / "k.safetensors", kohya))
-    with pytest.raises(ValueError, match="LoKr adapters are not supported"):
-        lora.load(write_tensors(tmp_path / "l.safetensors", {"diffusion_model.img_in.lokr_w1": torch.ones(2, 2)}))
     assert lora.adapters == {}  # nothing half-loaded
 
 
@@ -131,3 +130,40 @@ def test_inputs_are_padded_and_weighted(targets, tmp_path):
     np.testing.assert_array_equal(down[:, :4], a[0])
     np.testing.assert_array_equal(up[4:10], b[1])
     assert not down[:, 10:].any() and not up[10:].any()
+
+
+def test_kron_matmul_is_x_times_kron_transposed():
+    rng = np.random.default_rng(0)
+    w1, w2, x = rng.standard_normal((3, 4)), rng.standard_normal((5, 2)), rng.standard_normal((7, 8))
+    np.testing.assert_allclose(np.asarray(kron_matmul(x, w1, w2)), x @ np.kron(w1, w2).T, rtol=1e-5)
+
+
+def test_lokr_placements(targets, tmp_path):
+    """A BFL fused-qkv delta lands on our q/k/v layers as rows 0:D, D:2D, 2D:3D."""
+    lora = registry(targets)
+    lora.load(write_tensors(tmp_path / "bfl.safetensors", lokr_tensors(lokr_parts(seed=0, fused=True), "bfl")), "bfl")
+    terms = [t for t in lora.adapters["bfl"].lokr if t.path.startswith("transformer_blocks.0.attn.to_")]
+    assert sorted((t.start, t.stop, t.path.rsplit(".", 1)[1]) for t in terms) == [
+        (0, D, "to_out"), (0, D, "to_q"), (D, 2 * D, "to_k"), (2 * D, 3 * D, "to_v")]
+
+
+def test_bad_lokr_files_are_named(targets, tmp_path):
+    lora = registry(targets)
+    parts = lokr_parts(seed=0, fused=False)
+    tensors = lokr_tensors(parts, "bare")
+    del tensors["transformer_blocks.0.attn.to_q.lokr_w1"]
+    tensors["transformer_blocks.0.attn.to_q.lora_A.weight"] = torch.ones(2, D)
+    with pytest.raises(ValueError, match=r"2 keys .*to_q.lora_A.weight; transformer_blocks.0.attn.to_q \(has no lokr_w1"):
+        lora.load(write_tensors(tmp_path / "a.safetensors", tensors))
+    tensors = lokr_tensors(parts, "bare")
+    tensors["transformer_blocks.9.attn.to_q.lokr_w1"] = tensors.pop("transformer_blocks.0.attn.to_q.lokr_w1")
+    tensors["transformer_blocks.9.attn.to_q.lokr_w2"] = tensors.pop("transformer_blocks.0.attn.to_q.lokr_w2")
+    tensors["transformer_blocks.9.attn.to_q.alpha"] = tensors.pop("transformer_blocks.0.attn.to_q.alpha")
+    tensors["transformer_blocks.0.ff.linear_in.lokr_w1"] = tensors["transformer_blocks.0.ff.linear_in.lokr_w1"][:2].clone()
+    with pytest.raises(ValueError, match=r"1 layers the transformer does not have: transformer_blocks.9.attn.to_q; "
+                                         r"1 shape mismatches: transformer_blocks.0.ff.linear_in"):
+        lora.load(write_tensors(tmp_path / "b.safetensors", tensors))
+    with pytest.raises(ValueError, match=r"1 keys .*transformer.transformer_blocks.0.attn.to_q.alpha"):
+        lora.load(write_tensors(tmp_path / "c.safetensors", lokr_tensors(parts, "transformer") | {
+            "transformer.transformer_blocks.0.attn.to_q.alpha": torch.tensor(2.0)}))
+    assert lora.adapters == {}

@@ -9,12 +9,14 @@ from tiny_pipeline import load_reference_pipeline
 
 from conftest import noise, random_image
 from klein_jax.configs import TINY_TEXT_ENCODER
+from klein_jax.lora import LoraAdapters, linear_targets
 from klein_jax.train.cli import main as train_main
 from klein_jax.train.data import Example, bucket_sizes, epoch_batches, scan_dataset
 from klein_jax.train.step import TrainConfig
 from klein_jax.train.trainer import LoraTrainer
 
 WIDTH, HEIGHT = 48, 32
+STEPS = 15  # enough for the loss to fall by > 20% at learning rate 3e-2
 
 
 def write_data(folder, sizes):
@@ -46,6 +48,14 @@ def test_bad_files_are_named_before_training(tmp_path, capsys):
                  "orphan.txt: a caption without an image"):
         assert name in message
 
+    references = tmp_path / "refs"
+    references.mkdir()
+    random_image(8, 8).save(references / "orphan.png")
+    (references / "img0.png").write_bytes(b"broken")
+    with pytest.raises(ValueError, match=r"2 bad training files: reference orphan.png: no training image orphan.*; "
+                                         r"reference img0.png: cannot be read"):
+        scan_dataset(write_data(tmp_path / "pairs", [(32, 32)]), 32, 4, references)
+
     # klein-train-lora names them before it loads the model (which does not even exist here): exit 1, one line
     assert train_main(["--model", str(tmp_path / "no-model"), "--data", str(folder), "--out", str(tmp_path / "o"),
                        "--no-progress"]) == 1
@@ -65,18 +75,36 @@ def test_buckets_and_data_order():
     assert not np.array_equal(first, epoch_batches(items, 2, seed=0, epoch=1))
 
 
-def test_loss_falls_on_a_fixed_batch(tiny_pipeline, tmp_path):
+@pytest.mark.parametrize("model, edit_pairs", [("tiny_pipeline", False), ("tiny_base_pipeline", True)],
+                         ids=["distilled", "base-edit-pairs"])
+def test_loss_falls_on_a_fixed_batch(model, edit_pairs, request, tmp_path):
+    """Text-to-image on the distilled model; edit pairs (a reference image per target) on the base model."""
+    pipe = request.getfixturevalue(model)
     data = write_data(tmp_path / "data", [(32, 32)])
-    trainer = LoraTrainer(tiny_pipeline, data, tmp_path / "out", config(steps=30, learning_rate=3e-2, targets=".*"))
+    references = None
+    if edit_pairs:
+        references = tmp_path / "refs"
+        references.mkdir()
+        random_image(40, 40, seed=9).save(references / "img0.jpg")
+    trainer = LoraTrainer(pipe, data, tmp_path / "out", config(steps=STEPS, learning_rate=3e-2, targets=".*"),
+                          references)
     keys = [jax.random.key(100 + i) for i in range(4)]
     lora, _ = trainer.initial_state()
     before = np.mean([trainer.loss(lora, [0], k) for k in keys])
-    trainer.run()
+    path = trainer.run()
     after = np.mean([trainer.loss(trainer.lora, [0], k) for k in keys])
     assert after < 0.8 * before, (before, after)
     lines = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in lines] == list(range(1, 31))
+    assert [m["step"] for m in lines] == list(range(1, STEPS + 1))
     assert set(lines[0]) == {"step", "loss", "learning_rate", "grad_norm", "seconds"}
+    if edit_pairs:  # the reference's tokens (t = 10) condition the prediction
+        batch = trainer.batch([0])
+        assert batch["ref_latents"].shape == batch["latents"].shape and set(batch["ref_ids"][:, 0]) == {10}
+        other = {**batch, "ref_latents": np.zeros_like(batch["ref_latents"])}
+        assert abs(trainer.loss(trainer.lora, [0], keys[0]) - float(trainer._loss(trainer.lora, trainer.base_state,
+                                                                                  other, keys[0]))) > 1e-4
+    adapters = LoraAdapters(linear_targets(pipe.transformer), np.float32)  # the written adapter loads
+    assert len(adapters.adapters[adapters.load(path)].factors) == len(trainer.layout.targets)
 
 
 def test_resume_continues_exactly(tiny_pipeline, tmp_path):

@@ -25,12 +25,15 @@ from klein_jax import sharding
 from klein_jax.configs import KLEIN_4B, QWEN3_4B, TINY_TRANSFORMER
 from klein_jax.images import numpy_to_pil
 from klein_jax.loading import abstract_module, expected_params
-from sharding_worker import build_test_model, run_name
+from lora_support import kohya_tensors, write_tensors
+from sharding_worker import LORA_FILE, SHARDABLE_TRANSFORMER, build_test_model, run_name
 
 WORKER = pathlib.Path(__file__).with_name("sharding_worker.py")
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-# FORMAT:MESH[:full]: every device count 1, 2, 4, 8 with data only, model only and both; both checkpoint formats.
-RUNS = ("klein::full", "klein:data=2", "klein:model=2", "klein:data=2,model=2", "klein:model=4", "klein:data=8",
+# FORMAT:MESH[:EXTRAS]: every device count 1, 2, 4, 8 with data only, model only and both; both checkpoint formats;
+# guidance and a reference (full) and a LoRA adapter (lora) on a mesh of both axes.
+LORA_RUN = "klein:data=2,model=2:lora"
+RUNS = ("klein::full+lora", "klein:data=2", "klein:model=2", LORA_RUN, "klein:model=4", "klein:data=8",
         "klein:model=8", "klein:data=2,model=4:full", "diffusers:data=4,model=2")
 TOLERANCE = 1e-5  # float32, max abs (shared/spec/interfaces.md, "Several devices")
 
@@ -51,6 +54,7 @@ def _load(path: pathlib.Path) -> dict:
 def model_folder(tmp_path_factory) -> pathlib.Path:
     folder = tmp_path_factory.mktemp("shardable")
     build_test_model(folder)
+    write_tensors(folder / LORA_FILE, kohya_tensors(seed=4, config=SHARDABLE_TRANSFORMER))
     return folder
 
 
@@ -58,7 +62,7 @@ def model_folder(tmp_path_factory) -> pathlib.Path:
 def runs(model_folder, tmp_path_factory) -> dict[str, dict]:
     out = tmp_path_factory.mktemp("runs")
     done = subprocess.run([sys.executable, str(WORKER), str(model_folder), str(out), *RUNS], env=_env(8),
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stderr[-4000:]
     return {run: _load(out / f"{run_name(run)}-p0.npz") for run in RUNS}
 
@@ -111,13 +115,15 @@ def test_make_mesh():
     ("transformer", ("single_transformer_blocks", 19, "attn", "to_qkv_mlp_proj", "kernel"), P(None, "model")),
     ("transformer", ("single_transformer_blocks", 19, "attn", "to_out", "kernel"), P("model", None)),
     ("transformer", ("transformer_blocks", 3, "attn", "norm_q", "scale"), P()),
-    ("transformer", ("double_stream_modulation_img", "linear", "kernel"), P()),
+    ("transformer", ("double_stream_modulation_img", "linear", "kernel"), P("model", None)),
+    ("transformer", ("context_embedder", "kernel"), P("model", None)),
+    ("transformer", ("time_guidance_embed", "timestep_embedder", "linear_2", "kernel"), P()),
     ("transformer", ("x_embedder", "kernel"), P()),
     ("text_encoder", ("layers", 26, "self_attn", "k_proj", "kernel"), P(None, "model")),
     ("text_encoder", ("layers", 26, "self_attn", "o_proj", "kernel"), P("model", None)),
     ("text_encoder", ("layers", 0, "mlp", "up_proj", "kernel"), P(None, "model")),
     ("text_encoder", ("layers", 0, "mlp", "down_proj", "kernel"), P("model", None)),
-    ("text_encoder", ("embed_tokens", "embedding"), P()),
+    ("text_encoder", ("embed_tokens", "embedding"), P(None, "model")),  # (vocab, hidden) over hidden
     ("vae", ("decoder", "up_blocks", 0, "resnets", 0, "conv1", "kernel"), P()),
 ])
 def test_partition_table(component, path, spec):
@@ -126,13 +132,14 @@ def test_partition_table(component, path, spec):
 
 def test_klein_4b_splits_every_block_matmul():
     """Column/row pairs: per double block q, k, v, add_q, add_k, add_v, two MLP inputs (column) and two attention and
-    two MLP outputs (row); per single block one of each; per Qwen3 layer 5 column and 2 row."""
+    two MLP outputs (row); per single block one of each; per Qwen3 layer 5 column and 2 row. Outside the blocks: the
+    three shared modulations, norm_out and context_embedder (row) and the token embedding (its hidden axis)."""
     params = expected_params(abstract_module("transformer", KLEIN_4B, "bfloat16"))
     specs = [sharding.partition_spec("transformer", path) for path in params]
-    assert (specs.count(P(None, "model")), specs.count(P("model", None))) == (5 * 8 + 20, 5 * 4 + 20)
+    assert (specs.count(P(None, "model")), specs.count(P("model", None))) == (5 * 8 + 20, 5 * 4 + 20 + 5)
     params = expected_params(abstract_module("text_encoder", QWEN3_4B, "bfloat16"))
     specs = [sharding.partition_spec("text_encoder", path) for path in params]
-    assert (specs.count(P(None, "model")), specs.count(P("model", None))) == (27 * 5, 27 * 2)
+    assert (specs.count(P(None, "model")), specs.count(P("model", None))) == (27 * 5 + 1, 27 * 2)
 
 
 def test_a_model_axis_that_splits_a_head_is_an_error():
@@ -218,6 +225,12 @@ def test_every_mesh_gives_the_one_device_images(runs, run):
     assert result["batch_size"] == max(2, data)  # two prompts, padded to a multiple of the data axis
 
 
+def test_a_lora_adapter_on_a_mesh_gives_the_one_device_images(runs):
+    single, result = runs[RUNS[0]], runs[LORA_RUN]
+    assert _max_abs(single["lora_images"], single["images"]) > 0.05  # the adapter changes the images
+    assert _max_abs(result["lora_images"], single["lora_images"]) <= TOLERANCE
+
+
 def _padded(spec, ndim: int) -> list:
     return [None if axis is None else str(axis) for axis in spec] + [None] * (ndim - len(spec))
 
@@ -240,8 +253,9 @@ def test_each_device_holds_only_its_shard(runs, run):
         whole = sum(single[component]["bytes"].values())
         assert expected_bytes < whole if model > 1 and component != "vae" else expected_bytes == whole, component
     shards = placement["transformer"]["shards"]
-    assert shards["transformer_blocks.0.attn.to_q.kernel"] == [[64, 64 // model]] * devices  # 8 heads of 8
-    assert shards["single_transformer_blocks.0.attn.to_out.kernel"] == [[(64 + 192) // model, 64]] * devices
+    # q|k|v fused (docs/sharding.md): (64, 8 groups, 3 x 8) split over the groups, whole heads on each device
+    assert shards["transformer_blocks.0.attn.to_qkv.grouped_kernel"] == [[64, 8 // model, 24]] * devices
+    assert shards["single_transformer_blocks.0.attn.to_out.grouped_kernel"] == [[8 // model, (64 + 192) // 8, 64]] * devices
     assert placement["text_encoder"]["shards"]["layers.0.mlp.down_proj.kernel"] == [[64 // model, 32]] * devices
 
 
@@ -275,7 +289,7 @@ def test_two_processes_generate_the_one_process_images(model_folder, runs, tmp_p
         assert int(result["devices"]) == 4  # both processes see the 4 devices of the job
         assert _max_abs(result["images"], single["images"]) <= TOLERANCE
         shards = result["placement"]["transformer"]["shards"]
-        assert shards["transformer_blocks.0.attn.to_q.kernel"] == [[64, 32]] * 2  # this process's 2 devices
+        assert shards["transformer_blocks.0.attn.to_qkv.grouped_kernel"] == [[64, 4, 24]] * 2  # this process's 2 devices
     served = _load(tmp_path / f"{run_name(run)}-p0.npz")["served_images"]  # Leader.run_batch, process 1 following
     want = np.stack([np.asarray(image) for image in numpy_to_pil(single["images"])])
     assert served.shape == want.shape and np.abs(served.astype(int) - want).max() <= 1  # a rounding step at most

@@ -1,16 +1,16 @@
 """Model variants (shared/spec/interfaces.md): model_index.json's _class_name (and is_distilled) decides between
 distilled, base and kv; every other pipeline class is refused, by klein-convert and by from_pretrained alike."""
 
-import fnmatch
 import json
 import pathlib
 import shutil
 
 import pytest
+from fake_hub import serve_folder_as_hub_repo
 
 from convert.cli import main as convert_main
 from klein_jax.configs import Variant
-from klein_jax.loading import MANIFEST, ConversionError, hub, load_components, open_source
+from klein_jax.loading import MANIFEST, ConversionError, load_components, open_source
 from klein_jax.loading.source import pipeline_variant
 from klein_jax.pipeline import KleinPipeline
 from server.__main__ import parse_models
@@ -115,27 +115,8 @@ def test_kv_cache_needs_a_distilled_model(tiny_kv_pipeline):
 # ------------------------------------------------------------------------------------------------------- hub
 
 
-def _fake_hub(remote: pathlib.Path, repo_id: str, tmp_path: pathlib.Path, monkeypatch) -> list:
-    """huggingface_hub.snapshot_download serving `remote` as `repo_id`; returns the list of calls."""
-    cache = tmp_path / "hub-cache"
-    calls = []
-
-    def snapshot_download(repo, *, revision=None, allow_patterns=None):
-        calls.append(list(allow_patterns))
-        assert repo == repo_id
-        for f in remote.rglob("*"):
-            rel = f.relative_to(remote).as_posix()
-            if f.is_file() and any(fnmatch.fnmatch(rel, p) for p in allow_patterns):
-                (cache / rel).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(f, cache / rel)
-        return str(cache)
-
-    monkeypatch.setattr(hub, "snapshot_download", snapshot_download)
-    return calls
-
-
 def test_kv_hub_id_converts_and_loads_as_kv(tiny_kv_checkpoint, tmp_path, monkeypatch):
-    calls = _fake_hub(tiny_kv_checkpoint.diffusers, KV_REPO_ID, tmp_path, monkeypatch)
+    calls = serve_folder_as_hub_repo(tiny_kv_checkpoint.diffusers, KV_REPO_ID, tmp_path / "hub-cache", monkeypatch)
     out = tmp_path / "out"
     assert convert_main([KV_REPO_ID, str(out), "--dtype", "float32", "--no-progress"]) == 0
     assert len(calls) == 2  # metadata, then weights
@@ -152,7 +133,7 @@ def test_refused_hub_repo_downloads_no_weights(tiny_checkpoint, tmp_path, monkey
     remote = tmp_path / "remote"
     shutil.copytree(tiny_checkpoint.diffusers, remote)
     _with_class(remote, "Flux2Pipeline")
-    calls = _fake_hub(remote, "black-forest-labs/FLUX.2-dev", tmp_path, monkeypatch)
+    calls = serve_folder_as_hub_repo(remote, "black-forest-labs/FLUX.2-dev", tmp_path / "hub-cache", monkeypatch)
     line = _convert_fails(["black-forest-labs/FLUX.2-dev", str(tmp_path / "out")], capsys)
     assert "black-forest-labs/FLUX.2-dev: model_index.json has _class_name 'Flux2Pipeline'" in line
-    assert len(calls) == 1 and not any(p.endswith(".safetensors") for p in calls[0])  # the metadata pass only
+    assert len(calls) == 1 and not any(p.endswith(".safetensors") for p in calls[0][2])  # the metadata pass only

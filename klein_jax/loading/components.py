@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 import numpy as np
+from flax import nnx
 
 from klein_jax.configs import Variant
 from klein_jax import sharding
@@ -50,9 +51,14 @@ def _load_module(source: Source, name: str, config: Any, dtype: Any, mesh):
     abstract = abstract_module(name, config, dtype)
     shardings = None if mesh is None else sharding.param_shardings(name, expected_params(abstract), mesh)
     if source.kind == "converted":
-        return checkpoint.restore_module(source.folder / name / PARAMS_DIR, abstract, sharding=shardings)
-    check_component(source, name, config, dtype)
-    return load_component(name, config, source.tensors(name), dtype, shardings=shardings)
+        module = checkpoint.restore_module(source.folder / name / PARAMS_DIR, abstract, sharding=shardings)
+    else:
+        check_component(source, name, config, dtype)
+        module = load_component(name, config, source.tensors(name), dtype, shardings=shardings)
+    if mesh is None:
+        return module
+    graphdef, state = nnx.split(module)  # fused projections (built from placed parts) onto their own table rows
+    return nnx.merge(graphdef, sharding.shard_state(state, name, mesh))
 
 
 def load_components(source: str | os.PathLike, dtype: Any = "bfloat16", *,

@@ -2,7 +2,9 @@
 
 Every loader (Orbax restore, diffusers/hub conversion, the random demo weights) builds the module with
 `abstract_module` (nnx.eval_shape: shapes only, nothing initialised) and sets its variables with `fill_module`;
-`module_params` reads them back (export, notebooks, tests).
+`module_params` reads them back (export, notebooks, tests). All three speak the storage layout: a fused projection
+(klein_jax/models/fused.py) appears as the diffusers layers it fuses, so key maps, checkpoints and exports never see
+the fused kernels; fill_module fuses them.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from klein_jax.loading.keymap import KeyRule, Path
 from klein_jax.loading.keymaps.text_encoder import text_encoder_rules
 from klein_jax.loading.keymaps.transformer import transformer_rules
 from klein_jax.loading.keymaps.vae import vae_rules
+from klein_jax.models.fused import from_storage, storage_shapes, to_storage
 from klein_jax.models.text_encoder import Qwen3TextEncoder
 from klein_jax.models.transformer import Flux2Transformer
 from klein_jax.models.vae import Flux2VAE
@@ -64,17 +67,21 @@ def abstract_module(name: str, config: Any, dtype: Any):
 
 
 def expected_params(module) -> dict[Path, tuple[tuple[int, ...], Any]]:
-    """path -> (shape, dtype) of every variable of an nnx module (abstract ones from nnx.eval_shape too)."""
+    """path -> (shape, dtype) of every variable of an nnx module (abstract ones from nnx.eval_shape too), fused
+    projections as their parts (the storage layout)."""
     _, state = nnx.split(module)
-    return {tuple(path): (tuple(v.get_value().shape), v.get_value().dtype) for path, v in nnx.to_flat_state(state)}
+    return storage_shapes(module, {tuple(path): (tuple(v.get_value().shape), v.get_value().dtype)
+                                   for path, v in nnx.to_flat_state(state)})
 
 
 def fill_module(module, params: MutableMapping[Path, Any]):
-    """`module` (usually abstract) with every variable set from `params` (path -> host or device array).
+    """`module` (usually abstract) with every variable set from `params` (path -> host or device array, the storage
+    layout of expected_params; fused projections are fused here).
 
     Values are cast to each variable's dtype; entries are popped as they are placed, so host copies are freed early.
     A missing path is a KeyError naming it.
     """
+    params = from_storage(module, params)
     graphdef, state = nnx.split(module)
     flat = nnx.to_flat_state(state)
     for path, variable in flat:
@@ -86,10 +93,16 @@ def fill_module(module, params: MutableMapping[Path, Any]):
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
+def replace_value(variable: nnx.Variable, value: Any) -> None:
+    """Stores a transformed value in a filled module's variable, in place (klein_jax/quantization.py's fp8 kernels):
+    module state changes here only."""
+    variable.set_value(value)
+
+
 def module_params(module) -> dict[Path, np.ndarray]:
-    """Every variable of an nnx module (parameters and BN statistics) as host numpy arrays."""
+    """Every variable of an nnx module (parameters and BN statistics) as host numpy arrays, in the storage layout."""
     _, state = nnx.split(module)
-    return {tuple(path): np.asarray(v.get_value()) for path, v in nnx.to_flat_state(state)}
+    return to_storage(module, {tuple(path): np.asarray(v.get_value()) for path, v in nnx.to_flat_state(state)})
 
 
 def random_params(module, rng: np.random.Generator) -> dict[Path, np.ndarray]:

@@ -4,6 +4,7 @@
   formats.py   kohya / BFL / ComfyUI / PEFT / diffusers namings -> diffusers module names (every key placed or named)
   adapter.py   diffusers module names -> our linear layers, shapes checked, PEFT scaling folded in
   registry.py  the adapters a pipeline holds, the active ones, padded device factors per adapter set
+  lokr.py      LoKr files (every naming diffusers reads for FLUX.2) -> Kronecker terms; the delta without kron()
   apply.py     LoraLayout (the static part of a program) and apply_lora (the factors inside a traced transformer)
 """
 

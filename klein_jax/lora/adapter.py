@@ -23,16 +23,19 @@ _TO_OUT = re.compile(r"(transformer_blocks\.\d+\.attn\.to_out)\.0")
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class LoraAdapter:
-    """An adapter: our linear layer path -> (down (in, r), up (r, out) with the PEFT scaling folded in), float32."""
+    """An adapter: our linear layer path -> (down (in, r), up (r, out) with the PEFT scaling folded in), float32;
+    a LoKr adapter has Kronecker terms instead (klein_jax/lora/lokr.py: LokrTerm and (w1, w2) per term)."""
 
     name: str
     factors: dict[str, tuple[np.ndarray, np.ndarray]]
     source: str = ""
+    lokr: tuple = ()
+    lokr_factors: tuple = ()
 
     @property
     def rank(self) -> int:
-        """The largest rank of any layer."""
-        return max(down.shape[1] for down, _ in self.factors.values())
+        """The largest LoRA rank of any layer (0 for LoKr)."""
+        return max((down.shape[1] for down, _ in self.factors.values()), default=0)
 
 
 def our_path(module: str) -> str:

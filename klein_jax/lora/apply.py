@@ -11,15 +11,19 @@ from typing import NamedTuple
 
 import jax
 
+from klein_jax.lora.lokr import LokrLinear
+from klein_jax.models.fused import wrap_part
+
 
 class LoraLayout(NamedTuple):
     """The static shape of a program's LoRA inputs: target layers (path, in, out) and the padded rank."""
 
     targets: tuple[tuple[str, int, int], ...]
     rank: int
+    lokr: tuple = ()  # LokrTerm per Kronecker delta (klein_jax/lora/lokr.py)
 
     def describe(self) -> str:
-        return f"lora rank={self.rank} layers={len(self.targets)}"
+        return f"lora rank={self.rank} layers={len(self.targets)}" + (f" lokr={len(self.lokr)}" if self.lokr else "")
 
 
 class LoraLinear:
@@ -43,8 +47,12 @@ def _parent(module, path: str):
 def apply_lora(transformer, layout: LoraLayout, inputs: dict) -> None:
     """Wraps each target layer of `transformer` (a module merged inside the traced function) in place.
 
-    inputs: {"down": (in, R) per target, "up": (R, out) per target, "weights": (R,)}, in layout order.
+    inputs: {"down": (in, R) per target, "up": (R, out) per target, "weights": (R,)}, in layout order;
+    with LoKr terms also {"lokr": (w1, w2) per term, "lokr_weights": (terms,)}.
     """
     for (path, _, _), down, up in zip(layout.targets, inputs["down"], inputs["up"], strict=True):
-        parent, name = _parent(transformer, path)
-        setattr(parent, name, LoraLinear(getattr(parent, name), down, up, inputs["weights"]))
+        parent, name = _parent(transformer, path)  # a part of a fused projection takes its delta (models/fused.py)
+        wrap_part(parent, name, lambda layer: LoraLinear(layer, down, up, inputs["weights"]))
+    for i, (term, (w1, w2)) in enumerate(zip(layout.lokr, inputs.get("lokr", ()), strict=True)):
+        parent, name = _parent(transformer, term.path)
+        wrap_part(parent, name, lambda layer: LokrLinear(layer, term, w1, w2, inputs["lokr_weights"][i]))

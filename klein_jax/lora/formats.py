@@ -10,8 +10,8 @@ Accepted layouts, detected as diffusers detects them:
   are accepted too, where diffusers would load nothing).
 A fused BFL qkv projection becomes three diffusers projections sharing lora_A, lora_B split in three rows blocks.
 Every key is used or reported: `to_diffusers_modules` raises one ValueError naming every key it cannot place.
-LoKr, DoRA magnitudes and LoRA biases are refused by name (diffusers' `dora_scale` keys are dropped, as diffusers
-does, with a warning).
+DoRA magnitudes and LoRA biases are refused by name (diffusers' `dora_scale` keys are dropped, as diffusers does,
+with a warning); LoKr files are read by lokr.py.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ KOHYA_MODULES: tuple[tuple[str, str], ...] = (
     (r"lora_unet_final_layer_linear", "final_layer.linear"),
 )
 _LORA_KEY = re.compile(r"(.+)\.(lora_A|lora_B|lora_down|lora_up)\.weight")
-_REFUSED = {".lokr_": "LoKr", "lora_magnitude_vector": "DoRA", "lora_B.bias": "LoRA bias (lora_bias=True)"}
+_REFUSED = {"lora_magnitude_vector": "DoRA", "lora_B.bias": "LoRA bias (lora_bias=True)"}
 
 
 def _rename(name: str, table) -> str | tuple[str, ...] | None:

@@ -5,7 +5,8 @@ padded to a power of two that holds the largest adapter (or the adapters of a `s
 side). Padding is zeros, so every adapter of a layout runs in the same compiled program; adapter weights and a
 request's `lora_scale` are a (R,) input, so changing them copies nothing. Loading an adapter that targets new
 layers or has a larger rank changes the layout: programs for it compile on first use (`KleinPipeline.compile`
-compiles them ahead of time for the adapters loaded by then).
+compiles them ahead of time for the adapters loaded by then). A LoKr adapter's Kronecker factors (lokr.py) are in
+the layouts of the combinations that use it only: LoKr adapters of the same factor shapes share a program.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from klein_jax.lora.adapter import LoraAdapter, build_adapter
 from klein_jax.lora.apply import LoraLayout
 from klein_jax.lora.files import read_lora_file
 from klein_jax.lora.formats import to_diffusers_modules
+from klein_jax.lora.lokr import build_lokr_terms, is_lokr, lokr_modules
+from klein_jax.models.fused import GroupedLinear
 from klein_jax.request import check_lora_scale
 
 log = logging.getLogger(__name__)
@@ -31,9 +34,16 @@ Combination = tuple[tuple[str, float], ...]  # (adapter name, weight) pairs; () 
 
 
 def linear_targets(transformer) -> dict[str, tuple[int, int]]:
-    """Every nnx.Linear of a transformer: dotted path -> (in, out), in module order."""
-    return {".".join(map(str, path)): (node.in_features, node.out_features)
-            for path, node in nnx.iter_graph(transformer) if isinstance(node, nnx.Linear)}
+    """Every nnx.Linear of a transformer and every diffusers layer a fused projection stands for (its parts,
+    klein_jax/models/fused.py): dotted path -> (in, out), in module order."""
+    targets = {}
+    for path, node in nnx.iter_graph(transformer):
+        if isinstance(node, nnx.Linear):
+            targets[".".join(map(str, path))] = (node.in_features, node.out_features)
+        elif isinstance(node, GroupedLinear):
+            targets.update({".".join(map(str, (*path[:-1], part))): shape
+                            for part, shape in node.part_features().items()})
+    return targets
 
 
 def _rank_bucket(rank: int) -> int:
@@ -71,8 +81,17 @@ class LoraAdapters:
             raise ValueError(f"adapter name {name!r} is already in use; pick another or unload_lora_weights() first")
         file = read_lora_file(source, weight_name)
         try:
-            modules, layout = to_diffusers_modules(file.tensors)
-            adapter = build_adapter(name, modules, file.metadata, self.targets, source=str(file.path))
+            if is_lokr(file.tensors):
+                modules, layout = lokr_modules(file.tensors)
+                try:
+                    terms, factors = build_lokr_terms(modules, file.metadata, self.targets)
+                except ValueError as e:
+                    raise ValueError(f"LoKr adapter {name!r} does not fit this transformer: {e}") from None
+                adapter = LoraAdapter(name, {}, str(file.path), tuple(terms), tuple(factors))
+                layout = f"LoKr, {layout}"
+            else:
+                modules, layout = to_diffusers_modules(file.tensors)
+                adapter = build_adapter(name, modules, file.metadata, self.targets, source=str(file.path))
         except ValueError as e:
             raise ValueError(f"{file.path}: {e}") from None
         self.adapters[name] = adapter
@@ -80,7 +99,7 @@ class LoraAdapters:
         self.active = ((name, 1.0),)  # as diffusers: the adapter just loaded is the active one
         self._device.clear()  # the layout (union of layers, rank) may have changed
         log.info("loaded LoRA adapter %r (%s layout, %d layers, rank %d) from %s", name, layout,
-                 len(adapter.factors), adapter.rank, file.path)
+                 len(adapter.factors) + len(adapter.lokr), adapter.rank, file.path)
         return name
 
     def combination(self, names: str | Sequence[str], weights=None) -> Combination:
@@ -126,7 +145,8 @@ class LoraAdapters:
         used = {path for adapter in self.adapters.values() for path in adapter.factors}
         targets = tuple((path, *shape) for path, shape in self.targets.items() if path in used)
         largest = max((a.rank for a in self.adapters.values()), default=1)
-        return LoraLayout(targets, _rank_bucket(max(largest, sum(self.adapters[n].rank for n in names))))
+        lokr = tuple(term for n in names for term in self.adapters[n].lokr)  # LoKr: the combination's own terms
+        return LoraLayout(targets, _rank_bucket(max(largest, sum(self.adapters[n].rank for n in names))), lokr)
 
     def inputs(self, combination: Combination) -> tuple[LoraLayout, dict]:
         """(layout, program inputs) of a combination: adapter k owns columns [offset_k, offset_k + rank_k)."""
@@ -140,6 +160,9 @@ class LoraAdapters:
             rank = self.adapters[name].rank
             weights[offset:offset + rank] = weight
             offset += rank
+        if layout.lokr:
+            factors = {**factors, "lokr_weights": np.array([w for n, w in combination
+                                                            for _ in self.adapters[n].lokr], np.float32)}
         return layout, {**factors, "weights": weights}
 
     def _factors(self, names: tuple[str, ...]) -> tuple[LoraLayout, dict]:
@@ -158,4 +181,8 @@ class LoraAdapters:
                 offset += adapter.rank
             downs.append(down.astype(self.dtype))
             ups.append(up.astype(self.dtype))
-        return layout, jax.device_put({"down": tuple(downs), "up": tuple(ups)}, self.placement)
+        factors = {"down": tuple(downs), "up": tuple(ups)}
+        if layout.lokr:
+            factors["lokr"] = tuple((w1.astype(self.dtype), w2.astype(self.dtype))
+                                    for n in names for w1, w2 in self.adapters[n].lokr_factors)
+        return layout, jax.device_put(factors, self.placement)

@@ -6,6 +6,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+# the attention backends live in attention.py; these names stay importable from here for the call sites
+from klein_jax.models.attention import attention_implementation, dot_product_attention  # noqa: F401
+
 
 def rms_normalize(x: jax.Array, eps: float) -> jax.Array:
     """x / sqrt(mean(x^2) + eps) over the last axis, in fp32 (a bf16 mean of squares drifts from torch)."""
@@ -33,20 +36,3 @@ def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
     mean = jnp.mean(x32, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
     return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
-
-
-def attention_implementation(dtype) -> str | None:
-    """cuDNN flash attention on GPU for 16-bit compute; XLA's reference otherwise (CPU, TPU, float32)."""
-    if jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
-        return "cudnn"
-    return None
-
-
-def dot_product_attention(q, k, v, *, mask=None, is_causal: bool = False, implementation: str | None = None,
-                          key_value_seq_lengths=None):
-    """Softmax attention on (B, S, H, Dh) tensors, scale 1/sqrt(Dh); softmax in fp32 as SDPA does.
-
-    key_value_seq_lengths (B,) int32: only the first n keys of row b are attended (padding at the end).
-    """
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, implementation=implementation,
-                                        key_value_seq_lengths=key_value_seq_lengths)

@@ -3,6 +3,10 @@
 Port of diffusers Flux2TransformerBlock, Flux2Attention, Flux2FeedForward, Flux2SingleTransformerBlock and
 Flux2ParallelSelfAttention (transformer_flux2.py; klein.md §2.5-2.6). Class and attribute names mirror diffusers so
 the key map is a rename table; diffusers' attn.to_out.0 is plain `to_out` here. No layer has a bias.
+
+Projections that share an input are one shard-aligned GroupedLinear (klein_jax/models/fused.py): to_q|to_k|to_v as
+`to_qkv`, add_q_proj|add_k_proj|add_v_proj as `to_added_qkv`, the MLP's gate|value `linear_in`, the single block's
+q|k|v|gate|value `to_qkv_mlp_proj` and its attn|mlp `to_out`; checkpoints keep diffusers' layers (fused at load).
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from klein_jax.models.fused import INPUT, GroupedLinear, groups
 from klein_jax.models.layers import RMSNorm, dot_product_attention, layer_norm
 from klein_jax.models.rope import apply_rope
 
@@ -44,34 +49,36 @@ def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array, eps: float) -> ja
     return (1 + scale) * layer_norm(x, eps) + shift
 
 
-def swiglu(x: jax.Array) -> jax.Array:
-    """SiLU(first half) * second half of the last axis (Flux2SwiGLU)."""
-    gate, value = jnp.split(x, 2, axis=-1)  # (..., 2F) -> 2 x (..., F)
+def swiglu(gate: jax.Array, value: jax.Array) -> jax.Array:
+    """SiLU(gate) * value (Flux2SwiGLU on the halves of diffusers' fused gate|value projection)."""
     return jax.nn.silu(gate) * value
 
 
 class Flux2FeedForward(nnx.Module):
     """SwiGLU MLP with the gate and value projections fused in `linear_in` (diffusers Flux2FeedForward)."""
 
-    def __init__(self, dim: int, hidden_dim: int, *, dtype, param_dtype, rngs: nnx.Rngs):
-        self.linear_in = bias_free_linear(dim, 2 * hidden_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    def __init__(self, dim: int, hidden_dim: int, num_groups: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.linear_in = GroupedLinear(dim, (hidden_dim, hidden_dim), num_groups, ("linear_in",), dtype=dtype,
+                                       param_dtype=param_dtype, rngs=rngs)
         self.linear_out = bias_free_linear(hidden_dim, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.linear_out(swiglu(self.linear_in(x)))
+        h = swiglu(*self.linear_in.split(self.linear_in(x)))  # (..., G, F/G): unit g*F/G + i
+        return self.linear_out(h.reshape(*h.shape[:-2], h.shape[-2] * h.shape[-1]))  # (..., F) -> (..., D)
 
 
 class Flux2Attention(nnx.Module):
     """Joint text+image attention of a double-stream block, text first (diffusers Flux2Attention + processor)."""
 
-    def __init__(self, dim: int, num_heads: int, head_dim: int, *, eps: float, attention_impl: str | None,
-                 dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, dim: int, num_heads: int, head_dim: int, num_groups: int, *, eps: float,
+                 attention_impl: str | None, dtype, param_dtype, rngs: nnx.Rngs):
         self.num_heads, self.head_dim = num_heads, head_dim
         self.attention_impl = attention_impl
         inner = num_heads * head_dim
         lin = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.to_q, self.to_k, self.to_v = (bias_free_linear(dim, inner, **lin) for _ in range(3))
-        self.add_q_proj, self.add_k_proj, self.add_v_proj = (bias_free_linear(dim, inner, **lin) for _ in range(3))
+        self.to_qkv = GroupedLinear(dim, (inner,) * 3, num_groups, ("to_q", "to_k", "to_v"), **lin)
+        self.to_added_qkv = GroupedLinear(dim, (inner,) * 3, num_groups, ("add_q_proj", "add_k_proj", "add_v_proj"),
+                                          **lin)
         self.norm_q, self.norm_k, self.norm_added_q, self.norm_added_k = (
             RMSNorm(head_dim, eps=eps, param_dtype=param_dtype) for _ in range(4)
         )
@@ -79,8 +86,8 @@ class Flux2Attention(nnx.Module):
         self.to_add_out = bias_free_linear(inner, dim, **lin)
 
     def _heads(self, x: jax.Array) -> jax.Array:
-        B, S, _ = x.shape
-        return x.reshape(B, S, self.num_heads, self.head_dim)  # (B, S, H*Dh) -> (B, S, H, Dh)
+        B, S = x.shape[:2]
+        return x.reshape(B, S, self.num_heads, self.head_dim)  # (B, S, G, H/G*Dh) -> (B, S, H, Dh)
 
     def __call__(self, img: jax.Array, txt: jax.Array, cos: jax.Array, sin: jax.Array,
                  kv_lengths: jax.Array | None = None,
@@ -94,12 +101,10 @@ class Flux2Attention(nnx.Module):
         B, L, _ = img.shape
         T = txt.shape[1]
         # diffusers applies the QK RMSNorm per stream before RoPE; order matters for parity
-        q = self.norm_q(self._heads(self.to_q(img)))
-        k = self.norm_k(self._heads(self.to_k(img)))
-        v = self._heads(self.to_v(img))
-        txt_q = self.norm_added_q(self._heads(self.add_q_proj(txt)))
-        txt_k = self.norm_added_k(self._heads(self.add_k_proj(txt)))
-        txt_v = self._heads(self.add_v_proj(txt))
+        q, k, v = (self._heads(t) for t in self.to_qkv.split(self.to_qkv(img)))
+        txt_q, txt_k, txt_v = (self._heads(t) for t in self.to_added_qkv.split(self.to_added_qkv(txt)))
+        q, k = self.norm_q(q), self.norm_k(k)
+        txt_q, txt_k = self.norm_added_q(txt_q), self.norm_added_k(txt_k)
         q = apply_rope(jnp.concatenate([txt_q, q], axis=1), cos, sin)  # (B, T+L, H, Dh), text first
         k = apply_rope(jnp.concatenate([txt_k, k], axis=1), cos, sin)
         v = jnp.concatenate([txt_v, v], axis=1)
@@ -116,9 +121,10 @@ class Flux2TransformerBlock(nnx.Module):
                  attention_impl: str | None, dtype, param_dtype, rngs: nnx.Rngs):
         self.eps = eps
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.attn = Flux2Attention(dim, num_heads, head_dim, eps=eps, attention_impl=attention_impl, **kw)
-        self.ff = Flux2FeedForward(dim, mlp_hidden_dim, **kw)
-        self.ff_context = Flux2FeedForward(dim, mlp_hidden_dim, **kw)
+        num_groups = groups(num_heads, mlp_hidden_dim)
+        self.attn = Flux2Attention(dim, num_heads, head_dim, num_groups, eps=eps, attention_impl=attention_impl, **kw)
+        self.ff = Flux2FeedForward(dim, mlp_hidden_dim, num_groups, **kw)
+        self.ff_context = Flux2FeedForward(dim, mlp_hidden_dim, num_groups, **kw)
 
     def __call__(self, img: jax.Array, txt: jax.Array, mod_img: jax.Array, mod_txt: jax.Array,
                  cos: jax.Array, sin: jax.Array, kv_lengths: jax.Array | None = None,
@@ -139,7 +145,8 @@ class Flux2TransformerBlock(nnx.Module):
 
 
 class Flux2ParallelSelfAttention(nnx.Module):
-    """Attention and SwiGLU MLP in parallel, fused input and output projections (ViT-22B style)."""
+    """Attention and SwiGLU MLP in parallel, fused input and output projections (ViT-22B style), both grouped:
+    group g holds heads g*H/G.. and MLP units g*M/G.. on either side, so a model-axis shard is self-contained."""
 
     def __init__(self, dim: int, num_heads: int, head_dim: int, mlp_hidden_dim: int, *, eps: float,
                  attention_impl: str | None, dtype, param_dtype, rngs: nnx.Rngs):
@@ -147,10 +154,13 @@ class Flux2ParallelSelfAttention(nnx.Module):
         self.attention_impl = attention_impl
         inner = num_heads * head_dim
         lin = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.to_qkv_mlp_proj = bias_free_linear(dim, 3 * inner + 2 * mlp_hidden_dim, **lin)  # rows: q | k | v | gate | value
+        num_groups = groups(num_heads, mlp_hidden_dim)
+        self.to_qkv_mlp_proj = GroupedLinear(dim, (inner,) * 3 + (mlp_hidden_dim,) * 2, num_groups,
+                                             ("to_qkv_mlp_proj",), **lin)  # diffusers rows: q | k | v | gate | value
         self.norm_q = RMSNorm(head_dim, eps=eps, param_dtype=param_dtype)
         self.norm_k = RMSNorm(head_dim, eps=eps, param_dtype=param_dtype)
-        self.to_out = bias_free_linear(inner + mlp_hidden_dim, dim, **lin)
+        self.to_out = GroupedLinear(dim, (inner, mlp_hidden_dim), num_groups, ("to_out",), side=INPUT,
+                                    **lin)  # diffusers columns: attn | mlp
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, kv_lengths: jax.Array | None = None,
                  cached_kv: KeyValues | None = None) -> tuple[jax.Array, KeyValues]:
@@ -158,15 +168,14 @@ class Flux2ParallelSelfAttention(nnx.Module):
         (B, S, H, Dh); kv_lengths (B,) masks padded keys, cached_kv (B, R, H, Dh) are attended after x's own."""
         B, S, _ = x.shape
         H, Dh = self.num_heads, self.head_dim
-        h = self.to_qkv_mlp_proj(x)
-        qkv, mlp = jnp.split(h, [3 * H * Dh], axis=-1)  # (B, S, 3D + 2M) -> (B, S, 3D), (B, S, 2M)
-        q, k, v = (t.reshape(B, S, H, Dh) for t in jnp.split(qkv, 3, axis=-1))  # 3 x (B, S, D) -> (B, S, H, Dh)
+        *qkv, gate, value = self.to_qkv_mlp_proj.split(self.to_qkv_mlp_proj(x))  # 5 x (B, S, G, segment/G)
+        q, k, v = (t.reshape(B, S, H, Dh) for t in qkv)
         q = apply_rope(self.norm_q(q), cos, sin)
         k = apply_rope(self.norm_k(k), cos, sin)
         attn = dot_product_attention(q, *with_cached(k, v, cached_kv), implementation=self.attention_impl,
                                      key_value_seq_lengths=kv_lengths)
-        attn = attn.reshape(B, S, H * Dh)
-        return self.to_out(jnp.concatenate([attn, swiglu(mlp)], axis=-1)), (k, v)  # (B, S, D + M) -> (B, S, D)
+        attn = attn.reshape(*gate.shape[:3], H * Dh // gate.shape[2])  # (B, S, H, Dh) -> (B, S, G, H/G*Dh)
+        return self.to_out(jnp.concatenate([attn, swiglu(gate, value)], axis=-1)), (k, v)  # (B, S, G, C) -> (B, S, D)
 
 
 class Flux2SingleTransformerBlock(nnx.Module):

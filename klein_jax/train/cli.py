@@ -17,6 +17,9 @@ def build_parser() -> argparse.ArgumentParser:
                                             "with a same-named .txt caption each (cat.png + cat.txt).")
     p.add_argument("--model", required=True, metavar="SRC", help="klein-convert folder, diffusers folder or hub id")
     p.add_argument("--data", required=True, type=pathlib.Path, metavar="DIR", help="images + .txt captions")
+    p.add_argument("--references", type=pathlib.Path, metavar="DIR",
+                   help="edit pairs: DIR holds each training image's reference (input) image under the same name "
+                        "stem; the model learns to edit it into the training image")
     p.add_argument("--out", required=True, type=pathlib.Path, metavar="DIR",
                    help="gets pytorch_lora_weights.safetensors, checkpoints/ and metrics.jsonl")
     p.add_argument("--rank", type=int, default=16, help="LoRA rank")
@@ -53,9 +56,9 @@ def main(argv: list[str] | None = None) -> int:
         config = TrainConfig(rank=args.rank, lora_alpha=args.lora_alpha, learning_rate=args.learning_rate,
                              warmup_steps=args.warmup_steps, steps=args.steps, batch_size=args.batch_size,
                              resolution=args.resolution, seed=args.seed, checkpoint_every=args.checkpoint_every)
-        scan_dataset(args.data, config.resolution, 16)  # bad files are named before the model loads
+        scan_dataset(args.data, config.resolution, 16, args.references)  # bad files named before the model loads
         pipe = KleinPipeline.from_pretrained(args.model, args.dtype)
-        trainer = LoraTrainer(pipe, args.data, args.out, config)
+        trainer = LoraTrainer(pipe, args.data, args.out, config, args.references)
         bar = tqdm(total=config.steps, desc="train", unit="step", file=sys.stderr, disable=args.no_progress)
 
         def on_step(metrics) -> None:

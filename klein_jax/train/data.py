@@ -1,5 +1,9 @@
 """The training data: a folder of images with same-named .txt captions, checked whole before training starts,
-aspect buckets, and the data order (a pure function of seed and epoch, so a resumed run sees the same batches)."""
+aspect buckets, and the data order (a pure function of seed and epoch, so a resumed run sees the same batches).
+
+Edit pairs (diffusers' train_dreambooth_lora_flux2_klein_img2img.py: image, cond_image, caption): a second folder
+holds one reference (input) image per training image under the same stem (refs/cat.jpg for cat.png + cat.txt);
+the reference is resized and cropped to its target's bucket."""
 
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ class Example:
     image: pathlib.Path
     caption: str
     bucket: tuple[int, int]
+    reference: pathlib.Path | None = None  # the edit pair's input image
 
 
 def bucket_sizes(resolution: int, multiple: int) -> tuple[tuple[int, int], ...]:
@@ -39,6 +44,16 @@ def nearest_bucket(width: int, height: int, buckets) -> tuple[int, int]:
     return min(buckets, key=lambda b: abs(math.log(width / height) - math.log(b[0] / b[1])))
 
 
+def _image_size(image: pathlib.Path) -> tuple[tuple[int, int] | None, str | None]:
+    try:
+        with PIL.Image.open(image) as opened:
+            opened.verify()
+        with PIL.Image.open(image) as opened:
+            return PIL.ImageOps.exif_transpose(opened).size, None
+    except (OSError, ValueError, PIL.Image.DecompressionBombError) as e:
+        return None, f"{image.name}: cannot be read as an image ({e})"
+
+
 def _check_pair(image: pathlib.Path) -> tuple[str | None, tuple[int, int] | None, str | None]:
     """(caption, size, problem) of one image file."""
     caption_path = image.with_suffix(".txt")
@@ -50,31 +65,47 @@ def _check_pair(image: pathlib.Path) -> tuple[str | None, tuple[int, int] | None
         return None, None, f"{caption_path.name}: not UTF-8 text"
     if not caption:
         return None, None, f"{caption_path.name}: empty caption"
-    try:
-        with PIL.Image.open(image) as opened:
-            opened.verify()
-        with PIL.Image.open(image) as opened:
-            size = PIL.ImageOps.exif_transpose(opened).size
-    except (OSError, ValueError, PIL.Image.DecompressionBombError) as e:
-        return None, None, f"{image.name}: cannot be read as an image ({e})"
-    return caption, size, None
+    size, problem = _image_size(image)
+    return caption, size, problem
 
 
-def scan_dataset(folder: str | pathlib.Path, resolution: int, multiple: int) -> list[Example]:
-    """Every image of `folder` with its caption and bucket; one ValueError naming every bad file."""
+def _images(folder: pathlib.Path) -> list[pathlib.Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _reference(image: pathlib.Path, references: dict[str, pathlib.Path]) -> tuple[pathlib.Path | None, str | None]:
+    reference = references.get(image.stem)
+    if reference is None:
+        return None, f"{image.name}: no reference image {image.stem}.* in the reference folder"
+    _, problem = _image_size(reference)
+    return reference, problem and f"reference {problem}"
+
+
+def scan_dataset(folder: str | pathlib.Path, resolution: int, multiple: int,
+                 references: str | pathlib.Path | None = None) -> list[Example]:
+    """Every image of `folder` with its caption, bucket (and reference image of the same stem in `references`);
+    one ValueError naming every bad file."""
     folder = pathlib.Path(folder)
     if not folder.is_dir():
         raise ValueError(f"training data folder not found: {folder}")
-    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if references is not None and not pathlib.Path(references).is_dir():
+        raise ValueError(f"reference image folder not found: {references}")
+    images = _images(folder)
     problems = [f"{p.name}: a caption without an image" for p in sorted(folder.glob("*.txt"))
                 if not any(p.with_suffix(s).exists() or p.with_suffix(s.upper()).exists() for s in IMAGE_SUFFIXES)]
+    by_stem = {} if references is None else {p.stem: p for p in _images(pathlib.Path(references))}
+    stems = {p.stem for p in images}
+    problems += [f"reference {p.name}: no training image {stem}.*" for stem, p in by_stem.items() if stem not in stems]
     buckets, examples = bucket_sizes(resolution, multiple), []
     for image in images:
         caption, size, problem = _check_pair(image)
+        reference = None
+        if references is not None and not problem:
+            reference, problem = _reference(image, by_stem)
         if problem:
             problems.append(problem)
         else:
-            examples.append(Example(image, caption, nearest_bucket(*size, buckets)))
+            examples.append(Example(image, caption, nearest_bucket(*size, buckets), reference))
     if problems:
         shown = "; ".join(problems[:20]) + (f"; ... ({len(problems) - 20} more)" if len(problems) > 20 else "")
         raise ValueError(f"{folder}: {len(problems)} bad training files: {shown}")

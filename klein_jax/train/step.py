@@ -7,6 +7,8 @@ batch-norm normalised; u ~ U(0, 1) gives index floor(1000 u) into the scheduler'
 float32 (peft's "gaussian" init: lora_A ~ N(0, 1/r), lora_B = 0), cast to the base model's dtype in the matmuls;
 each transformer block is rematerialised in the backward pass (jax.checkpoint), so activations are kept per block
 boundary only. AdamW (optax) with global-norm clipping and a linear warm-up then cosine decay.
+Edit pairs (..._klein_img2img.py): the reference's latents (normalised as the target's, not noised) follow the
+noisy target tokens with their own ids (t = 10); the prediction is cut back to the target tokens for the loss.
 """
 
 from __future__ import annotations
@@ -115,15 +117,19 @@ def flow_matching_loss(lora: dict, base_state, batch: dict, key: jax.Array, *, g
     index = jnp.floor(jax.random.uniform(time_key, (latents.shape[0],)) * NUM_TRAIN_TIMESTEPS)
     sigma = (NUM_TRAIN_TIMESTEPS - index) / NUM_TRAIN_TIMESTEPS  # (B,)
     noisy = (1.0 - sigma[:, None, None]) * latents + sigma[:, None, None] * noise
+    x, img_ids = noisy, batch["img_ids"]
+    if "ref_latents" in batch:  # (B, R, C): target tokens first, then the reference's
+        x = jnp.concatenate([noisy, batch["ref_latents"]], axis=1)
+        img_ids = jnp.concatenate([img_ids, batch["ref_ids"]], axis=0)
     dtype = transformer.dtype
-    prediction = transformer(noisy.astype(dtype), batch["text_embeds"].astype(dtype), sigma.astype(dtype),
-                             batch["img_ids"], batch["txt_ids"])
+    prediction = transformer(x.astype(dtype), batch["text_embeds"].astype(dtype), sigma.astype(dtype),
+                             img_ids, batch["txt_ids"])[:, :latents.shape[1]]
     return jnp.mean(jnp.square(prediction.astype(jnp.float32) - (noise - latents)))
 
 
-def train_step(lora, opt_state, base_state, batch, key, *, graphdef, layout, scaling, tx):
+def train_step(lora, opt_state, base_state, batch, key, *, graphdef, layout, scaling, tx, remat: bool = True):
     """One AdamW update; returns (lora, opt_state, loss, gradient norm before clipping)."""
     loss, grads = jax.value_and_grad(flow_matching_loss)(lora, base_state, batch, key, graphdef=graphdef,
-                                                         layout=layout, scaling=scaling)
+                                                         layout=layout, scaling=scaling, remat=remat)
     updates, opt_state = tx.update(grads, opt_state, lora)
     return optax.apply_updates(lora, updates), opt_state, loss, optax.global_norm(grads)

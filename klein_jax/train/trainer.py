@@ -43,9 +43,11 @@ class StepMetrics:
 class LoraTrainer:
     """Trains LoRA factors on `pipe`'s transformer from a folder of captioned images; writes into `out`."""
 
-    def __init__(self, pipe, data: str | pathlib.Path, out: str | pathlib.Path, config: TrainConfig):
+    def __init__(self, pipe, data: str | pathlib.Path, out: str | pathlib.Path, config: TrainConfig,
+                 references: str | pathlib.Path | None = None):
+        """references: the folder of edit pairs' reference images (data/cat.png + cat.txt, references/cat.*)."""
         self.pipe, self.config, self.out = pipe, config, pathlib.Path(out)
-        self.examples: list[Example] = scan_dataset(data, config.resolution, pipe.pixels_per_token)
+        self.examples: list[Example] = scan_dataset(data, config.resolution, pipe.pixels_per_token, references)
         targets = select_targets(linear_targets(pipe.transformer), config.targets)
         if targets is None:
             raise ValueError(f"no linear layer of the transformer matches the targets {config.targets!r}")
@@ -57,7 +59,8 @@ class LoraTrainer:
         self._loss = jax.jit(functools.partial(flow_matching_loss, remat=False, **kwargs))
         self.schedule = learning_rate_schedule(config)
         self._text = self._encode_captions()
-        self._latents = self._encode_images()
+        self._latents = self._encode_images([e.image for e in self.examples])
+        self._references = self._encode_images([e.reference for e in self.examples]) if references else None
         self.batches_per_epoch = len(epoch_batches(self.examples, config.batch_size, config.seed, 0))
 
     # ------------------------------------------------------------------------------------------- caches
@@ -71,8 +74,9 @@ class LoraTrainer:
         log.info("encoded %d captions", len(out))
         return out
 
-    def _encode_images(self) -> list[np.ndarray]:
-        """Normalised packed latents (L, C) per example: the VAE's mode, as diffusers' --cache_latents."""
+    def _encode_images(self, images: list[pathlib.Path]) -> list[np.ndarray]:
+        """Normalised packed latents (L, C) per image at its example's bucket: the VAE's mode, as diffusers'
+        --cache_latents."""
         vae = self.pipe.vae
         graphdef, state = nnx.split(vae)
         ps = self.pipe.pixels_per_token
@@ -83,21 +87,25 @@ class LoraTrainer:
             return nnx.merge(graphdef, state).encode_reference_tokens(pixels, jnp.array([height, width]), tokens)
 
         latents = []
-        for example in self.examples:
+        for example, image in zip(self.examples, images, strict=True):
             width, height = example.bucket
-            pixels = load_pixels(example.image, example.bucket)[None].astype(vae.encoder.conv_in.kernel[...].dtype)
+            pixels = load_pixels(image, example.bucket)[None].astype(vae.encoder.conv_in.kernel[...].dtype)
             latents.append(np.asarray(encode(state, pixels, (height // ps) * (width // ps)), np.float32)[0])
         log.info("encoded %d images", len(latents))
         return latents
 
     def batch(self, indices) -> dict:
-        """The inputs of one step: latents (B, L, C), text features (B, T, D), position ids."""
+        """The inputs of one step: latents (B, L, C), text features (B, T, D), position ids; with edit pairs the
+        references' latents (B, L, C) and ids (t = 10, _prepare_image_ids)."""
         width, height = self.examples[indices[0]].bucket
-        ps = self.pipe.pixels_per_token
-        return {"latents": np.stack([self._latents[i] for i in indices]),
-                "text_embeds": np.stack([self._text[self.examples[i].caption] for i in indices]),
-                "img_ids": latent_ops.latent_ids(height // ps, width // ps),
-                "txt_ids": latent_ops.text_ids(self.pipe.text_length)}
+        grid = (height // self.pipe.pixels_per_token, width // self.pipe.pixels_per_token)
+        batch = {"latents": np.stack([self._latents[i] for i in indices]),
+                 "text_embeds": np.stack([self._text[self.examples[i].caption] for i in indices]),
+                 "img_ids": latent_ops.latent_ids(*grid), "txt_ids": latent_ops.text_ids(self.pipe.text_length)}
+        if self._references is not None:
+            batch |= {"ref_latents": np.stack([self._references[i] for i in indices]),
+                      "ref_ids": latent_ops.image_ids([grid])}
+        return batch
 
     # --------------------------------------------------------------------------------------------- running
 

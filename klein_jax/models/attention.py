@@ -1,0 +1,124 @@
+"""Softmax attention backends: XLA's reference, cuDNN flash attention (GPU) and a Pallas splash kernel (TPU).
+
+Every backend computes the same function (torch SDPA's: scale 1/sqrt(Dh), softmax in fp32) on (B, S, H, Dh)
+tensors, with `key_value_seq_lengths` (B,) masking the keys past n[b] (klein pads text and references to buckets).
+A module picks its backend when it is built (`attention_implementation`) or is switched before it is compiled
+(`set_attention`); the backend name rides in the module as a static string, so each backend is its own program.
+
+- "xla": jax.nn.dot_product_attention's XLA path (materialises the (B, H, Sq, Skv) logits); every platform.
+- "cudnn": jax.nn.dot_product_attention(implementation="cudnn"), cuDNN flash attention: GPU, 16-bit compute,
+  head dims of at most 128 (256 on Hopper) that are multiples of 8.
+- "pallas": JAX's Pallas splash attention for TPU (jax.experimental.pallas.ops.tpu.splash_attention), the key
+  padding as segment ids. Off TPU it runs in Pallas interpret mode: slow, only for checking its numerics.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("xla", "cudnn", "pallas")
+CUDNN_MAX_HEAD_DIM = 128  # the bound on every cuDNN-capable GPU (Hopper takes 256; jax checks at compile time)
+PALLAS_LANES = 128  # splash tiles are multiples of 128 positions: sequences are padded to one
+
+
+def _is_16_bit(dtype) -> bool:
+    return jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def attention_implementation(dtype, head_dim: int | None = None) -> str:
+    """The default backend: cuDNN on GPU for 16-bit compute (and head dims it takes), XLA otherwise.
+
+    TPU stays on XLA until the Pallas kernel has been measured there (docs/benchmarks.md); CPU is always XLA.
+    """
+    fits = head_dim is None or (head_dim <= CUDNN_MAX_HEAD_DIM and head_dim % 8 == 0)
+    return "cudnn" if jax.default_backend() == "gpu" and _is_16_bit(dtype) and fits else "xla"
+
+
+def check_attention(name: str, dtype, head_dim: int | None = None) -> str:
+    """`name` if that backend can run attention in `dtype` (of `head_dim`, when given) here; else a ValueError."""
+    if name not in BACKENDS:
+        raise ValueError(f"attention {name!r} is not one of {', '.join(BACKENDS)}")
+    if name == "cudnn":
+        if jax.default_backend() != "gpu":
+            raise ValueError(f"attention 'cudnn' needs a GPU; this process runs on {jax.default_backend()}")
+        if not _is_16_bit(dtype) or (head_dim is not None and (head_dim % 8 or head_dim > 256)):
+            raise ValueError(f"attention 'cudnn' takes bfloat16/float16 and head dims that are multiples of 8 up "
+                             f"to 256 (128 before Hopper); got {jnp.dtype(dtype).name}, head dim {head_dim}")
+    return name
+
+
+def set_attention(module, name: str, dtype) -> int:
+    """Switches every attention of `module` (submodules with `attention_impl` and `head_dim`) to backend `name`.
+
+    Call before the module is split for compilation. Returns how many attentions were switched; a module without
+    any is a ValueError, and so is a backend that cannot run one of them (check_attention).
+    """
+    attentions = [sub for _, sub in nnx.iter_modules(module) if hasattr(sub, "attention_impl")]
+    if not attentions:
+        raise ValueError(f"{type(module).__name__} has no attention to switch")
+    for head_dim in sorted({sub.head_dim for sub in attentions}):
+        check_attention(name, dtype, head_dim)
+    if name == "pallas" and jax.default_backend() != "tpu":
+        log.warning("attention 'pallas' is a TPU kernel: on %s it runs in Pallas interpret mode (slow)",
+                    jax.default_backend())
+    for sub in attentions:
+        sub.attention_impl = name
+    return len(attentions)
+
+
+def dot_product_attention(q, k, v, *, mask=None, is_causal: bool = False, implementation: str | None = None,
+                          key_value_seq_lengths=None):
+    """Softmax attention on (B, S, H, Dh) tensors, scale 1/sqrt(Dh); softmax in fp32 as SDPA does.
+
+    key_value_seq_lengths (B,) int32: only the first n keys of row b are attended (padding at the end).
+    implementation: one of BACKENDS, or None for "xla". The Pallas kernel takes no explicit mask and no causal mask.
+    """
+    if implementation == "pallas":
+        if mask is not None or is_causal:
+            raise ValueError("attention 'pallas' takes key_value_seq_lengths only, not mask= or is_causal=")
+        return pallas_attention(q, k, v, key_value_seq_lengths)
+    xla_or_cudnn = None if implementation in (None, "xla") else implementation
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, implementation=xla_or_cudnn,
+                                        key_value_seq_lengths=key_value_seq_lengths)
+
+
+def _block(length: int) -> int:
+    """The largest splash tile (512, 256 or 128 positions) dividing `length` (a multiple of 128)."""
+    return next(b for b in (512, 256, PALLAS_LANES) if length % b == 0)
+
+
+def pallas_attention(q, k, v, key_value_seq_lengths=None, *, interpret: bool | None = None):
+    """dot_product_attention through Pallas splash attention; q (B, Sq, H, Dh), k and v (B, Skv, H, Dh).
+
+    Both sequences are zero-padded to a multiple of 128; the keys past n[b] (padding, or the lengths' padding) get
+    segment id 0 and every query segment 1, so they are never attended. interpret: None = off TPU only.
+    """
+    B, Sq, H, Dh = q.shape
+    Skv = k.shape[1]
+    pad_q, pad_kv = -Sq % PALLAS_LANES, -Skv % PALLAS_LANES
+    lengths = jnp.full((B,), Skv, jnp.int32) if key_value_seq_lengths is None else key_value_seq_lengths
+    segments = None
+    if key_value_seq_lengths is not None or pad_kv:
+        kv_ids = (jnp.arange(Skv + pad_kv)[None, :] < lengths[:, None]).astype(jnp.int32)  # (B, Skv')
+        segments = splash.SegmentIds(q=jnp.ones((B, Sq + pad_q), jnp.int32), kv=kv_ids)
+
+    def heads_first(x, pad):  # (B, S, H, Dh) -> (B, H, S + pad, Dh)
+        return jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+
+    q_len, kv_len = Sq + pad_q, Skv + pad_kv
+    blocks = splash.BlockSizes(block_q=_block(q_len), block_kv=_block(kv_len), block_kv_compute=_block(kv_len))
+    kernel = splash.make_splash_mha_single_device(
+        splash.MultiHeadMask([splash.FullMask((q_len, kv_len))] * H), block_sizes=blocks,
+        interpret=jax.default_backend() != "tpu" if interpret is None else interpret,
+    )
+    scaled = q * jnp.asarray(Dh ** -0.5, q.dtype)  # splash does not scale the logits
+    args = (heads_first(scaled, pad_q), heads_first(k, pad_kv), heads_first(v, pad_kv))
+    out = jax.vmap(kernel)(*args) if segments is None else jax.vmap(kernel)(*args, segment_ids=segments)
+    return out.transpose(0, 2, 1, 3)[:, :Sq]  # (B, H, Sq', Dh) -> (B, Sq, H, Dh)

@@ -1,0 +1,143 @@
+"""Attention backends (klein_jax/models/attention.py): the Pallas splash kernel in interpret mode and cuDNN (GPU)
+against XLA attention, with key padding; backend choice and switching."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import assert_close
+from klein_jax.configs import TINY_TRANSFORMER
+from klein_jax.loading.modules import random_module
+from klein_jax.models import attention
+from klein_jax.models.attention import (attention_implementation, check_attention, dot_product_attention,
+                                        pallas_attention, set_attention)
+
+
+def _qkv(batch, q_len, kv_len, heads, head_dim, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    shapes = [(batch, q_len, heads, head_dim)] + 2 * [(batch, kv_len, heads, head_dim)]
+    return [jnp.asarray(2 * rng.standard_normal(s), dtype) for s in shapes]
+
+
+def _xla_float32(q, k, v, lengths):
+    """XLA attention in float32 on the same (possibly bf16-rounded) inputs."""
+    q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
+    return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths)
+
+
+# (batch, queries, keys, heads, head dim, key lengths): sequences off the 128-position tiles, key padding of very
+# different lengths per row, keys longer than queries (cached reference keys), and an unpadded tile-sized case.
+# Interpret mode compiles slowly: the cases are few and small.
+CASES = {
+    "odd_lengths_padded": (2, 130, 300, 2, 32, (300, 131)),
+    "tile_sized_no_mask": (1, 128, 128, 1, 16, None),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_pallas_matches_xla_float32(case):
+    batch, q_len, kv_len, heads, head_dim, lengths = CASES[case]
+    q, k, v = _qkv(batch, q_len, kv_len, heads, head_dim, jnp.float32)
+    lengths = None if lengths is None else jnp.asarray(lengths, jnp.int32)
+    got = jax.jit(pallas_attention)(q, k, v, lengths)
+    want = _xla_float32(q, k, v, lengths)
+    assert got.dtype == jnp.float32
+    assert_close(got, want, rel=1e-5, name=case)
+    if lengths is not None:  # the mask matters: attending every key gives a different answer
+        unmasked = _xla_float32(q, k, v, None)
+        assert np.abs(np.asarray(unmasked - want)).max() > 1e-2
+
+
+def test_pallas_matches_xla_bfloat16():
+    q, k, v = _qkv(2, 200, 200, 3, 64, jnp.bfloat16, seed=1)  # several heads, padded to 256 positions
+    lengths = jnp.asarray([200, 77], jnp.int32)
+    got = jax.jit(lambda q, k, v, n: dot_product_attention(q, k, v, implementation="pallas",
+                                                           key_value_seq_lengths=n))(q, k, v, lengths)
+    want = _xla_float32(q, k, v, lengths)
+    xla_bf16 = jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths)
+    assert got.dtype == jnp.bfloat16
+    # bf16 output rounding (2^-9) plus q * 1/sqrt(Dh) rounded to bf16 before the kernel's logits
+    assert_close(got, want, rel=1.5e-2, name="pallas bf16 vs float32")
+    assert_close(xla_bf16, want, rel=1.5e-2, name="xla bf16 vs float32")
+
+
+def test_pallas_rejects_masks():
+    q, k, v = _qkv(1, 8, 8, 1, 8, jnp.float32)
+    with pytest.raises(ValueError, match="key_value_seq_lengths only"):
+        dot_product_attention(q, k, v, implementation="pallas", is_causal=True)
+
+
+def test_transformer_with_pallas_equals_xla():
+    """set_attention reaches every block: the tiny transformer with padded keys gives XLA's velocity."""
+    model = random_module("transformer", TINY_TRANSFORMER, np.random.default_rng(0))
+    rng = np.random.default_rng(1)
+    B, L, T = 2, 24, 8
+    inputs = dict(
+        hidden_states=jnp.asarray(rng.standard_normal((B, L, TINY_TRANSFORMER.in_channels)), jnp.float32),
+        encoder_hidden_states=jnp.asarray(rng.standard_normal((B, T, TINY_TRANSFORMER.joint_attention_dim)),
+                                          jnp.float32),
+        timestep=jnp.asarray([0.3, 0.9], jnp.float32),
+        img_ids=jnp.asarray(rng.integers(0, 8, (L, 4)), jnp.int32),
+        txt_ids=jnp.asarray(rng.integers(0, 8, (T, 4)), jnp.int32),
+        kv_lengths=jnp.asarray([T + L, T + 13], jnp.int32),
+    )
+
+    def run(module):
+        graphdef, state = nnx.split(module)
+        return jax.jit(lambda s, x: nnx.merge(graphdef, s)(**x))(state, inputs)
+
+    want = run(model)
+    switched = set_attention(model, "pallas", jnp.float32)
+    assert switched == TINY_TRANSFORMER.num_layers + TINY_TRANSFORMER.num_single_layers
+    got = run(model)
+    assert_close(got[0], want[0], rel=1e-5, name="unpadded row")
+    assert_close(got[1, :13], want[1, :13], rel=1e-5, name="valid tokens of the padded row")
+
+
+def test_defaults_per_platform(monkeypatch):
+    assert attention_implementation(jnp.bfloat16) == "xla"  # this CPU
+    monkeypatch.setattr(attention.jax, "default_backend", lambda: "gpu")
+    assert attention_implementation(jnp.bfloat16, head_dim=128) == "cudnn"
+    assert attention_implementation(jnp.float16) == "cudnn"
+    assert attention_implementation(jnp.float32, head_dim=128) == "xla"
+    assert attention_implementation(jnp.bfloat16, head_dim=512) == "xla"  # the VAE's one 512-wide head
+    monkeypatch.setattr(attention.jax, "default_backend", lambda: "tpu")
+    assert attention_implementation(jnp.bfloat16, head_dim=128) == "xla"
+
+
+def test_backend_errors(monkeypatch):
+    with pytest.raises(ValueError, match="is not one of xla, cudnn, pallas"):
+        check_attention("flash", jnp.bfloat16)
+    with pytest.raises(ValueError, match="needs a GPU"):
+        check_attention("cudnn", jnp.bfloat16)
+    monkeypatch.setattr(attention.jax, "default_backend", lambda: "gpu")
+    with pytest.raises(ValueError, match="got float32"):
+        check_attention("cudnn", jnp.float32, 128)
+    with pytest.raises(ValueError, match="head dim 512"):
+        check_attention("cudnn", jnp.bfloat16, 512)
+    with pytest.raises(ValueError, match="has no attention"):
+        set_attention(nnx.Linear(2, 2, rngs=nnx.Rngs(0)), "xla", jnp.float32)
+
+
+def test_pipeline_and_cli_take_attention(tmp_path):
+    from klein_jax.cli import build_parser
+    from klein_jax.pipeline import KleinPipeline
+    from server.__main__ import build_parser as server_parser
+
+    with pytest.raises(ValueError, match="needs a GPU"):  # refused before anything is read
+        KleinPipeline.from_pretrained(tmp_path / "no-such-model", "float32", attention="cudnn")
+    assert build_parser().parse_args(["--demo", "--prompt", "x", "--attention", "pallas"]).attention == "pallas"
+    assert server_parser().parse_args(["--demo", "--attention", "xla"]).attention == "xla"
+    with pytest.raises(SystemExit):
+        server_parser().parse_args(["--demo", "--attention", "flash"])
+
+
+@pytest.mark.gpu
+def test_cudnn_with_key_lengths_matches_xla():
+    q, k, v = _qkv(2, 300, 300, 4, 128, jnp.bfloat16, seed=2)
+    lengths = jnp.asarray([300, 45], jnp.int32)
+    got = jax.jit(lambda q, k, v, n: dot_product_attention(q, k, v, implementation="cudnn",
+                                                           key_value_seq_lengths=n))(q, k, v, lengths)
+    assert_close(got, _xla_float32(q, k, v, lengths), rel=1.5e-2, name="cudnn bf16 vs xla float32")
