@@ -132,8 +132,10 @@ class Upsample2D(nnx.Module):
         dtype = self.conv.dtype or x.dtype
         taps = jnp.asarray(_PHASE_TAPS, jnp.float32)  # (2 phases, 2, 3)
         kernel = self.conv.kernel[...].astype(jnp.float32)  # (3, 3, C, C) HWIO
-        # (2, 2, C, 2, 2, C): 2x2 taps, in, phase a, phase b, out; HIGHEST: exact sums where f32 dots default to bf16
-        phases = jnp.einsum("ary,bsx,yxio->rsiabo", taps, taps, kernel, precision=jax.lax.Precision.HIGHEST)
+        # the taps are 0/1: summed as float32 reductions (no dot, so no backend matmul precision applies)
+        by_row = jnp.sum(taps[:, :, :, None, None, None] * kernel[None, None], axis=2)  # (a, r, x, C, C)
+        phases = jnp.sum(taps[None, None, :, :, :, None, None] * by_row[:, :, None, None], axis=4)  # (a, r, b, s, C, C)
+        phases = phases.transpose(1, 3, 4, 0, 2, 5)  # (2, 2, C, 2, 2, C): 2x2 taps, in, phase a, phase b, out
         phases = phases.reshape(2, 2, C, 4 * C).astype(dtype)  # output channel (2a + b) * C + o
         y = jax.lax.conv_general_dilated(x.astype(dtype), phases, (1, 1), ((1, 1), (1, 1)),
                                          dimension_numbers=("NHWC", "HWIO", "NHWC"))  # (B, H+1, W+1, 4C)
