@@ -44,6 +44,8 @@ from klein_jax.configs import (FLUX2_VAE, KLEIN_4B, KLEIN_9B, QWEN3_4B, QWEN3_8B
                                TextEncoderConfig, TransformerConfig, VAEConfig)
 from klein_jax.demo import DEMO_REFERENCE_BUCKETS, DEMO_VAE
 
+import reporting
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "benchmarks.md"
 PROMPT = "a lighthouse on a cliff at dusk, oil painting"
@@ -444,13 +446,9 @@ def run(args) -> dict:
 # ---------------------------------------------------------------------------------------------- markdown
 
 
-def _cell(value, fmt: str) -> str:
-    return "-" if value is None else format(value, fmt)
-
-
 def markdown(report: dict) -> str:
     """The report as a short paragraph and one table."""
-    load = ", ".join(f"{a:.1f}" for a in report["load_average_start"])
+    load = reporting.format_load(report["load_average_start"])
     peak = report["peak_tflops"]
     lines = [
         f"Measured by `benchmarks/accelerator.py` ({report['date']}, `{report['command'] or '(defaults)'}`) on "
@@ -474,19 +472,14 @@ def markdown(report: dict) -> str:
             lines.append(
                 f"{head} {r['text_encode_ms']:.1f} | {r['reference_encode_ms']:.1f} | {r['denoise_ms']:.1f} | "
                 f"{r['decode_ms']:.1f} | {r['end_to_end_ms']:.1f} | {r['images_per_s']:.2f} | "
-                f"{r['transformer_tflop_per_s']:.3g} | {_cell(r['percent_of_peak'], '.1f')} | {memory} | "
-                f"{_cell(r['compile_s'], '.1f')} |")
+                f"{r['transformer_tflop_per_s']:.3g} | {reporting.cell(r['percent_of_peak'], '.1f')} | {memory} | "
+                f"{reporting.cell(r['compile_s'], '.1f')} |")
     return "\n".join(lines)
 
 
 def write_doc(text: str, name: str) -> None:
     """Replaces the section between this model size's markers in docs/benchmarks.md (appends one if missing)."""
-    begin, end = f"<!-- accelerator-{name}:begin -->", f"<!-- accelerator-{name}:end -->"
-    doc = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    if begin not in doc:
-        doc = doc.rstrip() + f"\n\n{begin}\n{end}\n"
-    doc = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: f"{begin}\n{text}\n{end}", doc, flags=re.S)
-    DOC.write_text(doc)
+    reporting.write_section(DOC, f"accelerator-{name}", text, heading="")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -525,11 +518,7 @@ def main(argv: list[str] | None = None) -> int:
     args.cases = sorted(cases, key=lambda c: (c.batch, c.references))  # smallest first: JAX's peak is cumulative
     report = run(args)
     text = markdown(report)
-    print(json.dumps(report, indent=1))
-    print(text)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=1) + "\n")
+    reporting.emit(report, text, args.json)
     if not args.no_doc:
         write_doc(text, setup.name)
         print(f"wrote {DOC}", file=sys.stderr)

@@ -40,10 +40,10 @@ import time
 import urllib.error
 import urllib.request
 
+import reporting
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "benchmarks.md"
-BEGIN, END = "<!-- cold-start:begin -->", "<!-- cold-start:end -->"
-BEGIN_4B, END_4B = "<!-- cold-start-4b:begin -->", "<!-- cold-start-4b:end -->"
 READY_LINE = re.compile(r"klein-serve ready on .*? programs compiled in ([\d.]+) s")
 POLL_S = 0.05
 
@@ -174,10 +174,7 @@ def run_abstract_4b(args) -> dict:
                 command = [sys.executable, str(pathlib.Path(__file__).resolve()), "--compile-child", str(cache),
                            "--aspect-ratios", args.aspect_ratios, "--max-batch", str(args.max_batch),
                            "--started", repr(time.time())]
-                done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=args.timeout_s)
-                if done.returncode:
-                    raise RuntimeError(f"compile child failed ({done.returncode}):\n{done.stderr[-3000:]}")
-                runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+                runs.append(reporting.child_json(command, "compile child", timeout_s=args.timeout_s))
                 print(state, runs[-1], file=sys.stderr, flush=True)
             report["states"][state] = {"runs": runs, **{k: _median(runs, k) for k in
                                                         ("imported_s", "modules_s", "ready_s", "compile_s")}}
@@ -189,63 +186,45 @@ def run_abstract_4b(args) -> dict:
     return report
 
 
+def _markdown(report: dict, command: str, what: str, columns: tuple[str, ...], cells) -> str:
+    """A short paragraph (the machine, `what` ran, the warm cache's size) and one table row per cache state:
+    cells(state), then each run's ready_s."""
+    load, load_end = (reporting.format_load(report[k]) for k in ("load_average_start", "load_average_end"))
+    paragraph = (f"Measured by `benchmarks/cold_start.py` ({report['date']}, `{command}`) on {report['host']}, "
+                 f"{report['cpu_count']} CPU cores, load average {load} at the start and {load_end} at the end: "
+                 f"{what} The warm cache held {report['cache_files']} files, "
+                 f"{report['cache_bytes'] / 2**20:.1f} MiB.")
+    rows = [[name, *cells(state), ", ".join(f"{r['ready_s']:.1f}" for r in state["runs"])]
+            for name, state in report["states"].items()]
+    return paragraph + "\n\n" + reporting.table(("compilation cache", *columns), rows)
+
+
 def markdown_4b(report: dict) -> str:
     """A short paragraph and one table for --abstract-4b."""
-    load = ", ".join(f"{a:.1f}" for a in report["load_average_start"])
-    load_end = ", ".join(f"{a:.1f}" for a in report["load_average_end"])
     programs = report["states"]["empty"]["runs"][0]["programs"]
-    lines = [
-        f"Measured by `benchmarks/cold_start.py` ({report['date']}, `{report['command']}`) on {report['host']}, "
-        f"{report['cpu_count']} CPU cores, load average {load} at the start and {load_end} at the end: klein-4B "
-        f"shapes with abstract bfloat16 weights (no weights loaded, no HTTP server), the {programs} programs of "
-        f"`klein-serve --aspect-ratios {report['aspect_ratios']} --max-batch {report['max_batch']} "
-        f"--compile-references 0`, median of {report['runs']} processes per cache state. The warm cache held "
-        f"{report['cache_files']} files, {report['cache_bytes'] / 2**20:.1f} MiB.",
-        "",
-        "| compilation cache | imports done (s) | modules built (s) | programs compiled or loaded (s) "
-        "| compile phase (s) |"
-        " each run (s) |",
-        "|---|---|---|---|---|---|",
-    ]
-    for name, state in report["states"].items():
-        each = ", ".join(f"{r['ready_s']:.1f}" for r in state["runs"])
-        lines.append(f"| {name} | {state['imported_s']:.1f} | {state['modules_s']:.1f} | {state['ready_s']:.1f} | "
-                     f"{state['compile_s']:.1f} | {each} |")
-    return "\n".join(lines)
-
-
-def _cell(value, fmt: str) -> str:
-    return "-" if value is None else format(value, fmt)
+    what = (f"klein-4B shapes with abstract bfloat16 weights (no weights loaded, no HTTP server), the {programs} "
+            f"programs of `klein-serve --aspect-ratios {report['aspect_ratios']} --max-batch {report['max_batch']} "
+            f"--compile-references 0`, median of {report['runs']} processes per cache state.")
+    columns = ("imports done (s)", "modules built (s)", "programs compiled or loaded (s)", "compile phase (s)",
+               "each run (s)")
+    return _markdown(report, report["command"], what, columns, lambda state: [
+        f"{state[k]:.1f}" for k in ("imported_s", "modules_s", "ready_s", "compile_s")])
 
 
 def markdown(report: dict) -> str:
     """A short paragraph and one table."""
-    load = ", ".join(f"{a:.1f}" for a in report["load_average_start"])
-    load_end = ", ".join(f"{a:.1f}" for a in report["load_average_end"])
-    lines = [
-        f"Measured by `benchmarks/cold_start.py` ({report['date']}, `{report['command'] or '(defaults)'}`) on "
-        f"{report['host']}, {report['cpu_count']} CPU cores, load average {load} at the start and {load_end} at the "
-        f"end: `klein-serve {' '.join(report['server_args'])}`, median of {report['runs']} starts per cache state. "
-        f"The warm cache held {report['cache_files']} files, {report['cache_bytes'] / 2**20:.1f} MiB.",
-        "",
-        "| compilation cache | first HTTP answer (s) | `/readyz` 200 (s) | programs | compile/load phase (s) | "
-        "each run's `/readyz` (s) |",
-        "|---|---|---|---|---|---|",
-    ]
-    for name, state in report["states"].items():
-        each = ", ".join(f"{r['ready_s']:.1f}" for r in state["runs"])
-        lines.append(f"| {name} | {_cell(state['first_answer_s'], '.1f')} | {_cell(state['ready_s'], '.1f')} | "
-                     f"{_cell(state['programs'], '.0f')} | {_cell(state['compile_s'], '.1f')} | {each} |")
-    return "\n".join(lines)
+    what = (f"`klein-serve {' '.join(report['server_args'])}`, median of {report['runs']} starts per cache "
+            "state.")
+    columns = ("first HTTP answer (s)", "`/readyz` 200 (s)", "programs", "compile/load phase (s)",
+               "each run's `/readyz` (s)")
+    return _markdown(report, report["command"] or "(defaults)", what, columns, lambda state: [
+        reporting.cell(state[k], fmt) for k, fmt in
+        (("first_answer_s", ".1f"), ("ready_s", ".1f"), ("programs", ".0f"), ("compile_s", ".1f"))])
 
 
-def write_doc(text: str, begin: str = BEGIN, end: str = END) -> None:
-    """Replaces the section between the markers in docs/benchmarks.md (appends one if missing)."""
-    doc = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    if begin not in doc:
-        doc = doc.rstrip() + f"\n\n{begin}\n{end}\n"
-    doc = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: f"{begin}\n{text}\n{end}", doc, flags=re.S)
-    DOC.write_text(doc)
+def write_doc(text: str, name: str = "cold-start") -> None:
+    """Replaces the section between the markers `name` in docs/benchmarks.md (appends one if missing)."""
+    reporting.write_section(DOC, name, text, heading="")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -273,18 +252,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.abstract_4b:
         report = run_abstract_4b(args)
         text = markdown_4b(report)
-        print(json.dumps(report, indent=1))
-        print(text)
+        reporting.emit(report, text, None)
         if not args.no_doc:
-            write_doc(text, BEGIN_4B, END_4B)
+            write_doc(text, "cold-start-4b")
         return 0
     report = run(args)
     text = markdown(report)
-    print(json.dumps(report, indent=1))
-    print(text)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=1) + "\n")
+    reporting.emit(report, text, args.json)
     if not args.no_doc:
         write_doc(text)
         print(f"wrote {DOC}", file=sys.stderr)

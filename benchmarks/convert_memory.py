@@ -16,7 +16,6 @@ import argparse
 import json
 import pathlib
 import platform
-import re
 import resource
 import shutil
 import subprocess
@@ -25,10 +24,10 @@ import time
 
 import ml_dtypes
 import numpy as np
+import reporting
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs" / "convert.md"
-START, END = "<!-- benchmark:start -->", "<!-- benchmark:end -->"
 _BLOCK = np.random.default_rng(0).standard_normal(1 << 24, dtype=np.float32).astype(ml_dtypes.bfloat16)  # 32 MB
 
 _ST_DTYPES = {np.dtype(ml_dtypes.bfloat16): "BF16", np.dtype(np.float32): "F32", np.dtype(np.int64): "I64"}
@@ -190,7 +189,7 @@ def _markdown(r: dict) -> str:
     parts = r["manifest"]["components"]
     rows = "\n".join(f"| {name} | {c['tensors']} | {c['params']:,} | {c['bytes'] / 1e9:.2f} GB |"
                      for name, c in parts.items())
-    return f"""{START}
+    return f"""\
 Measured by `benchmarks/convert_memory.py` ({time.strftime('%Y-%m-%d')}, {platform.machine()}, {_cpu_count()} CPU
 cores, {_mem_gib():.0f} GiB RAM, no GPU): random weights with the real FLUX.2-klein-4B shapes, bf16, in the hub
 layout (transformer one file; Qwen3-4B with all 36 layers in two shards with an index; FLUX.2 VAE), source
@@ -217,8 +216,7 @@ map pairs each parameter with a memory-mapped view of its source tensor, and the
 writes one tensor at a time (`klein_jax/loading/checkpoint.py`, `PendingArray`), so the peak is the Python/JAX
 runtime plus about one tensor, not a whole component. The load peak is the loaded bf16 model itself
 (14.15 GB = 13.2 GiB of jax arrays) plus the runtime: no second copy either. Wall times are disk-bound; the
-machine was shared with other jobs while this ran, so they are upper bounds.
-{END}"""
+machine was shared with other jobs while this ran, so they are upper bounds."""
 
 
 def _cpu_count() -> int:
@@ -234,13 +232,7 @@ def _mem_gib() -> float:
 
 def write_docs(r: dict) -> None:
     """Replaces the benchmark block of docs/convert.md (or appends one)."""
-    text = DOCS.read_text() if DOCS.exists() else "# klein-convert\n"
-    block = _markdown(r)
-    if START in text:
-        text = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: block, text, flags=re.S)
-    else:
-        text = text.rstrip() + "\n\n## Memory and time\n\n" + block + "\n"
-    DOCS.write_text(text)
+    reporting.write_section(DOCS, "benchmark", _markdown(r), opening="start", heading="## Memory and time")
 
 
 def main() -> int:

@@ -16,15 +16,15 @@ import argparse
 import contextlib
 import os
 import pathlib
-import re
 import statistics
 import sys
 import time
 import warnings
 
+import reporting
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "benchmarks.md"
-BEGIN, END = "<!-- donation:begin -->", "<!-- donation:end -->"
 GIB = 2**30
 PROMPT = "a lighthouse on a cliff at dusk, oil painting"
 
@@ -109,7 +109,7 @@ def run_times(repeats: int) -> dict:
 
 def markdown(rows: list[dict], run: dict | None, command: str, load: tuple) -> str:
     lines = [f"Measured by `benchmarks/donation.py` ({time.strftime('%Y-%m-%d %H:%M')}, `{command or '(defaults)'}`), "
-             f"{os.cpu_count()} CPU cores (shared), load average {', '.join(f'{a:.1f}' for a in load)} at the start. "
+             f"{os.cpu_count()} CPU cores (shared), load average {reporting.format_load(load)} at the start. "
              "Memory: XLA's memory_analysis of klein-4B programs at 1024x1024, abstract bfloat16 weights; "
              "\"peak\" is argument + output + temp - alias.", "",
              "| program | donated | argument (GiB) | output (MiB) | temp (GiB) | alias (MiB) | peak (GiB) |",
@@ -122,17 +122,9 @@ def markdown(rows: list[dict], run: dict | None, command: str, load: tuple) -> s
         ms = run["denoise_ms"]
         lines += ["", f"Run: medium float32 config, 512x512, 4 steps, stepwise path, CPU: denoise "
                       f"{ms['donated']:.0f} ms donated, {ms['not donated']:.0f} ms not (median, alternated; load "
-                      f"average {', '.join(f'{a:.1f}' for a in run['load_average'])} at the end); images max abs "
+                      f"average {reporting.format_load(run['load_average'])} at the end); images max abs "
                       f"diff {run['max_abs_diff']:.1e}."]
     return "\n".join(lines)
-
-
-def write_doc(text: str) -> None:
-    doc = DOC.read_text()
-    if BEGIN not in doc:
-        raise SystemExit(f"{DOC} has no {BEGIN} marker: add the 'Buffer donation' section first")
-    DOC.write_text(re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: f"{BEGIN}\n{text}\n{END}", doc,
-                          flags=re.S))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -147,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     text = markdown(rows, run, " ".join(sys.argv[1:] if argv is None else argv), load)
     print(text)
     if args.write:
-        write_doc(text)
+        reporting.write_section(DOC, "donation", text)
     return 0
 
 

@@ -27,8 +27,12 @@ import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
+import reporting  # noqa: E402
+
 DOC = ROOT / "docs" / "benchmarks.md"
-BEGIN, END = "<!-- fused-projections:begin -->", "<!-- fused-projections:end -->"
+SECTION = "fused-projections"
+HEADING = ("## Fused projections\n\n`python benchmarks/fused_projections.py --write` (docs/sharding.md, \"Fused "
+           "projections\").")
 COLLECTIVES = ("all-reduce", "all-to-all", "collective-permute", "all-gather", "reduce-scatter")
 DEFAULT_BASELINE = "b9ccfc0"  # the last commit with separate q/k/v layers and contiguous splits
 
@@ -94,11 +98,7 @@ def _child_env(pythonpath: pathlib.Path | None) -> dict[str, str]:
 
 
 def run_child(args: list[str], pythonpath: pathlib.Path | None = None) -> dict:
-    done = subprocess.run([sys.executable, __file__, *args], env=_child_env(pythonpath), capture_output=True,
-                          text=True, cwd=ROOT, check=False)
-    if done.returncode:
-        raise RuntimeError(f"child {args} failed:\n{done.stderr[-4000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return reporting.child_json([sys.executable, __file__, *args], f"child {args}", env=_child_env(pythonpath))
 
 
 def measure_child(repeats: int) -> dict:
@@ -152,26 +152,16 @@ def measure(baseline: str, repeats: int) -> dict:
 
 
 def markdown(results: dict) -> str:
-    load = " ".join(open("/proc/loadavg").read().split()[:3]) if os.path.exists("/proc/loadavg") else "?"
+    load = reporting.proc_load()
     lines = ["| layout | all-reduce | all-to-all | collective-permute | all-gather | 4B FLOPs (XLA) | "
              "medium step, CPU f32 |", "|---|---|---|---|---|---|---|"]
     for label, r in results.items():
         c = r["collectives"]
         lines.append(f"| {label} | {c['all-reduce']} | {c['all-to-all']} | {c['collective-permute']} | "
                      f"{c['all-gather']} | {r['flops'] / 1e12:.3f} T | {r['step_ms']:.0f} ms |")
-    return "\n".join([BEGIN, "", *lines, "", f"Collectives: the compiled klein-4B 1024x1024 transformer call (bf16, "
+    return "\n".join(["", *lines, "", f"Collectives: the compiled klein-4B 1024x1024 transformer call (bf16, "
                       f"abstract weights) at model=4 over 8 fake CPU devices. Step: median of one medium-config call "
-                      f"(512x512, float32). Load average during the run: {load}.", "", END])
-
-
-def write_doc(text: str) -> None:
-    doc = DOC.read_text(encoding="utf-8")
-    if BEGIN in doc:
-        doc = doc[:doc.index(BEGIN)] + text + doc[doc.index(END) + len(END):]
-    else:
-        doc = doc.rstrip("\n") + "\n\n## Fused projections\n\n`python benchmarks/fused_projections.py --write` " \
-              "(docs/sharding.md, \"Fused projections\").\n\n" + text + "\n"
-    DOC.write_text(doc, encoding="utf-8")
+                      f"(512x512, float32). Load average during the run: {load}.", ""])
 
 
 def main(argv=None) -> None:
@@ -190,10 +180,10 @@ def main(argv=None) -> None:
     if args.measure:
         print(json.dumps(measure_child(args.repeats)))
         return
-    table = markdown(measure(args.baseline, args.repeats))
-    print(table)
+    text = markdown(measure(args.baseline, args.repeats))
+    print(reporting.section(SECTION, text))
     if args.write:
-        write_doc(table)
+        reporting.write_section(DOC, SECTION, text, heading=HEADING)
 
 
 if __name__ == "__main__":

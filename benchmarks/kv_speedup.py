@@ -27,14 +27,14 @@ import json
 import os
 import pathlib
 import platform
-import re
 import statistics
 import sys
 import time
 
+import reporting
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "kv.md"
-BEGIN, END = "<!-- kv-speedup:begin -->", "<!-- kv-speedup:end -->"
 STEPS = 4
 TEXT_TOKENS = 512
 REFERENCES = 4
@@ -211,14 +211,6 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def write_doc(text: str) -> None:
-    doc = DOC.read_text(encoding="utf-8")
-    pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.DOTALL)
-    if not pattern.search(doc):
-        raise SystemExit(f"{DOC} has no {BEGIN} ... {END} section")
-    DOC.write_text(pattern.sub(lambda _: f"{BEGIN}\n{text}\n{END}", doc), encoding="utf-8")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per pipeline (median)")
@@ -239,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     text = markdown(result)
     print(text)
     if not args.no_write:
-        write_doc(text)
+        reporting.write_section(DOC, "kv-speedup", text)
     return 0
 
 

@@ -28,7 +28,6 @@ import httpx
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs" / "server.md"
-BEGIN, END = "<!-- load-test:begin -->", "<!-- load-test:end -->"
 
 
 @dataclasses.dataclass
@@ -176,19 +175,16 @@ def start_demo_server(max_queue: int, max_batch: int, aspect_ratio: str, request
 
 def write_docs(summary: dict, settings: dict, path: pathlib.Path = DOCS) -> None:
     """Replaces the load-test section of docs/server.md with these numbers."""
+    import reporting  # here: tests load this file by path, without benchmarks/ on sys.path
+
     rows = "\n".join(f"| {k} | {v} |" for k, v in summary.items())
-    section = (f"{BEGIN}\nMeasured by `{settings['command']}` on {settings['machine']} "
-               f"({time.strftime('%Y-%m-%d')}): demo model, {settings['aspect_ratio']}, --max-queue "
-               f"{settings['max_queue']} --max-batch {settings['max_batch']} --timeout-s {settings['timeout_s']:g}, "
-               f"{summary['concurrency']} concurrent "
-               f"clients (twice the queue), 503s retried after {settings['backoff']}.\n\n"
-               f"| metric | value |\n|---|---|\n{rows}\n{END}")
-    text = path.read_text() if path.exists() else ""
-    if BEGIN in text and END in text:
-        text = text[: text.index(BEGIN)] + section + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip() + "\n\n## Load test\n\n" + section + "\n"
-    path.write_text(text)
+    text = (f"Measured by `{settings['command']}` on {settings['machine']} "
+            f"({time.strftime('%Y-%m-%d')}): demo model, {settings['aspect_ratio']}, --max-queue "
+            f"{settings['max_queue']} --max-batch {settings['max_batch']} --timeout-s {settings['timeout_s']:g}, "
+            f"{summary['concurrency']} concurrent "
+            f"clients (twice the queue), 503s retried after {settings['backoff']}.\n\n"
+            f"| metric | value |\n|---|---|\n{rows}")
+    reporting.write_section(path, "load-test", text, heading="## Load test")
 
 
 def check(result: LoadResult, *, max_rss_growth_mib: float | None) -> list[str]:

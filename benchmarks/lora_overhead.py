@@ -13,7 +13,6 @@ import argparse
 import dataclasses
 import json
 import pathlib
-import re
 import statistics
 import sys
 import time
@@ -21,6 +20,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import reporting
 from flax import nnx
 
 from klein_jax.configs import KLEIN_4B, TINY_TRANSFORMER
@@ -31,7 +31,6 @@ from klein_jax.models.transformer import Flux2Transformer
 CONFIGS = {"tiny": TINY_TRANSFORMER,
            "medium": dataclasses.replace(KLEIN_4B, num_attention_heads=8, num_layers=1, num_single_layers=2),
            "klein-4b": KLEIN_4B}
-START, END = "<!-- lora_overhead:start -->", "<!-- lora_overhead:end -->"
 
 
 def _inputs(config, tokens: int, text_len: int, dtype):
@@ -94,22 +93,12 @@ def run(config_name: str, ranks: list[int], tokens: int, text_len: int, iters: i
 
 
 def table(results: list[dict], command: str) -> str:
-    rows = ["| rank | step ms | vs no adapter | factors (MiB) | compile s |", "|---|---|---|---|---|"]
-    for r in results:
-        rows.append(f"| {r['rank'] or 'none'} | {r['step_ms']} | {r['overhead_pct']:+.1f}% | {r['factors_mib']} | "
-                    f"{r['compile_s']} |")
+    rows = [[f"{r['rank'] or 'none'}", f"{r['step_ms']}", f"{r['overhead_pct']:+.1f}%", f"{r['factors_mib']}",
+             f"{r['compile_s']}"] for r in results]
     first = results[0]
     return (f"`{command}` on {first['device']} ({first['config']}, {first['tokens']} tokens, "
             f"{first['layers']} linear layers, {first['dtype']}; medians, programs taking turns):\n\n"
-            + "\n".join(rows))
-
-
-def write(path: pathlib.Path, text: str) -> None:
-    doc = path.read_text()
-    pattern = re.compile(re.escape(START) + ".*?" + re.escape(END), re.S)
-    if not pattern.search(doc):
-        raise SystemExit(f"{path} has no {START} ... {END} markers")
-    path.write_text(pattern.sub(lambda _: f"{START}\n{text}\n{END}", doc))
+            + reporting.table(("rank", "step ms", "vs no adapter", "factors (MiB)", "compile s"), rows))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,8 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     results = run(args.config, args.ranks, args.tokens, args.text_len, args.iters, jnp.dtype(args.dtype))
     if args.write:
-        command = "python benchmarks/lora_overhead.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        write(args.write, table(results, command))
+        command = reporting.command_line(__file__, argv)
+        reporting.write_section(args.write, "lora_overhead", table(results, command), opening="start")
     return 0
 
 

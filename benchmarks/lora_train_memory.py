@@ -21,7 +21,6 @@ import collections
 import functools
 import json
 import pathlib
-import re
 import sys
 import time
 
@@ -35,8 +34,9 @@ from klein_jax.models.transformer import Flux2Transformer
 from klein_jax.train.step import (DEFAULT_TARGETS, TrainConfig, flow_matching_loss, init_lora, optimizer,
                                   select_targets, train_step)
 
+import reporting
+
 CONFIGS = {"tiny": TINY_TRANSFORMER, "klein-4b": KLEIN_4B}
-START, END = "<!-- lora_train_memory:start -->", "<!-- lora_train_memory:end -->"
 GIB = 2**30
 
 
@@ -115,24 +115,16 @@ def estimate(rows: list[dict], blocks: int) -> dict:
 
 
 def table(results: list[dict], peaks: dict, command: str) -> str:
-    rows = ["| remat | weights | factors + grads + AdamW | saved activations | of which XLA attention logits |",
-            "|---|---|---|---|---|"]
-    for r in results:
-        rows.append(f"| {'per block' if r['remat'] else 'none'} | {r['weights_gib']} | {r['adapter_state_gib']} | "
-                    f"{r['saved_activations_gib']} | {r['of_which_attention_logits_gib']} |")
+    rows = [["per block" if r["remat"] else "none", *(f"{r[k]}" for k in (
+        "weights_gib", "adapter_state_gib", "saved_activations_gib", "of_which_attention_logits_gib"))]
+        for r in results]
     first = results[0]
     return (f"`{command}` ({first['config']}, {first['resolution']}x{first['resolution']}: {first['image_tokens']} "
             f"image + {first['text_tokens']} text tokens, rank {first['rank']} on {first['layers']} layers, batch 1; "
-            f"GiB):\n\n" + "\n".join(rows) + "\n\nEstimated peak (GiB): "
+            f"GiB):\n\n" + reporting.table(("remat", "weights", "factors + grads + AdamW", "saved activations",
+                                             "of which XLA attention logits"), rows)
+            + "\n\nEstimated peak (GiB): "
             + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in peaks.items()))
-
-
-def write(path: pathlib.Path, text: str) -> None:
-    doc = path.read_text()
-    pattern = re.compile(re.escape(START) + ".*?" + re.escape(END), re.S)
-    if not pattern.search(doc):
-        raise SystemExit(f"{path} has no {START} ... {END} markers")
-    path.write_text(pattern.sub(lambda _: f"{START}\n{text}\n{END}", doc))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,8 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     peaks = estimate(results, config.num_layers + config.num_single_layers)
     print(json.dumps({"estimated_peak_gib": peaks}), flush=True)
     if args.write:
-        command = "python benchmarks/lora_train_memory.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        write(args.write, table(results, peaks, command))
+        command = reporting.command_line(__file__, argv)
+        reporting.write_section(args.write, "lora_train_memory", table(results, peaks, command),
+                                opening="start")
     return 0
 
 

@@ -23,15 +23,15 @@ import json
 import os
 import pathlib
 import platform
-import re
 import statistics
 import sys
 import tempfile
 import time
 
+import reporting
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "benchmarks.md"
-BEGIN, END = "<!-- pipeline-stages:begin -->", "<!-- pipeline-stages:end -->"
 STEPS = 4
 PROMPT = "a lighthouse on a cliff at dusk, oil painting"
 
@@ -175,7 +175,7 @@ def table(rows: list[dict], repeats: int) -> str:
     ]
     for r in rows:
         o, d = r["ours"], r["diffusers"]
-        load = ", ".join(f"{a:.1f}" for a in r["load_average"])
+        load = reporting.format_load(r["load_average"])
         lines.append(f"| {r['name']} | {r['size']} ({r['tokens']}) | klein-jax | {o['text_encode_ms']:.0f} | "
                      f"{o['denoise_ms']:.0f} | {o['decode_ms']:.0f} | {o['png_ms']:.1f} | {o['total_ms']:.0f} | "
                      f"{o['fused_ms']:.0f} | {d['total_ms'] / o['total_ms']:.2f}x | {o['compile_s']:.1f} | "
@@ -184,14 +184,6 @@ def table(rows: list[dict], repeats: int) -> str:
                      f"{d['denoise_ms']:.0f} | {d['decode_ms']:.0f} | {d['png_ms']:.1f} | {d['total_ms']:.0f} | "
                      f"- | | - | | |")
     return "\n".join(lines)
-
-
-def write_doc(text: str) -> None:
-    doc = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    if BEGIN not in doc:
-        doc = doc.rstrip() + f"\n\n{BEGIN}\n{END}\n"
-    doc = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: f"{BEGIN}\n{text}\n{END}", doc, flags=re.S)
-    DOC.write_text(doc)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -205,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     text = table(run(args.repeats), args.repeats)
     print(text)
     if not args.no_write:
-        write_doc(text)
+        reporting.write_section(DOC, "pipeline-stages", text, heading="")
         print(f"wrote {DOC}")
     return 0
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
-import re
 import statistics
 import sys
 import time
@@ -25,9 +24,10 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
+import reporting  # noqa: E402
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "benchmarks.md"
-BEGIN, END = "<!-- quantization-quality:begin -->", "<!-- quantization-quality:end -->"
 PROMPTS = ("a lighthouse on a cliff at dusk, oil painting", "a red bicycle leaning on a brick wall",
            "macro photo of a dew drop on a leaf", "an isometric city block at night, neon signs")
 SEEDS = (0, 1, 2, 3)
@@ -112,14 +112,6 @@ def table(results: dict, byte_rows, prompts, seeds, seconds: dict) -> str:
     return "\n".join(lines)
 
 
-def write_doc(text: str) -> None:
-    doc = DOC.read_text()
-    if BEGIN not in doc:
-        raise SystemExit(f"{DOC} has no {BEGIN} marker")
-    DOC.write_text(re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: f"{BEGIN}\n{text}\n{END}", doc,
-                          flags=re.S))
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, default=4, choices=range(1, len(PROMPTS) + 1))
@@ -138,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     text = table(results, weight_bytes(), prompts, seeds, seconds)
     print(text)
     if args.write:
-        write_doc(text)
+        reporting.write_section(DOC, "quantization-quality", text)
         print(f"wrote {DOC}")
     return 0
 

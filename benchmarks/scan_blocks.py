@@ -24,15 +24,14 @@ import json
 import os
 import pathlib
 import platform
-import re
 import statistics
-import subprocess
 import sys
 import time
 
+import reporting
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "benchmarks.md"
-BEGIN, END = "<!-- scan-blocks:begin -->", "<!-- scan-blocks:end -->"
 FORMS = ("unrolled", "scanned")
 # The programs that run the transformer; the others (text encoder, VAE, noise) are the same in both forms, so the
 # scanned form does not compile them again and the table counts their unrolled times in both columns.
@@ -179,10 +178,7 @@ def _child(args, role: str, form: str, image_path: pathlib.Path) -> dict:
                "--max-references", str(args.max_references), "--aspect-ratios", ",".join(args.aspect_ratios)]
     env = dict(os.environ, JAX_PLATFORMS="cpu", SCAN_BLOCKS_IMAGE=str(image_path))
     print(f"{role} {form} ...", file=sys.stderr, flush=True)
-    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
-    if done.returncode:
-        raise RuntimeError(f"{role} {form} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return reporting.child_json(command, f"{role} {form}", env=env)
 
 
 def run(args) -> dict:
@@ -219,7 +215,7 @@ def _kinds(programs: list[dict]) -> dict[str, list]:
 
 def markdown(report: dict) -> str:
     compile_ = report["compile"]
-    loads = "; ".join(f"{form} {', '.join(f'{a:.1f}' for a in compile_[form]['load_average'])}" for form in FORMS)
+    loads = "; ".join(f"{form} {reporting.format_load(compile_[form]['load_average'])}" for form in FORMS)
     lines = [f"Measured by `benchmarks/scan_blocks.py` ({report['date']}, `{report['command'] or '(defaults)'}`) on "
              f"{report['host']}, {report['cpu_count']} CPU cores (shared), load average at the start of each form's "
              f"compile run: {loads}. Compile: klein-4B shapes, abstract bfloat16 weights, batch 1; "
@@ -247,16 +243,8 @@ def markdown(report: dict) -> str:
         for form in FORMS:
             r = run_[form]
             lines.append(f"| {form} | {r['fused_ms']:.0f} | {r['stepwise_denoise_ms']:.0f} | {r['compile_s']:.1f} | "
-                         f"{', '.join(f'{a:.1f}' for a in r['load_average'])} |")
+                         f"{reporting.format_load(r['load_average'])} |")
     return "\n".join(lines)
-
-
-def write_doc(text: str) -> None:
-    doc = DOC.read_text()
-    if BEGIN not in doc:
-        raise SystemExit(f"{DOC} has no {BEGIN} marker: add the 'lax.scan over blocks' section first")
-    DOC.write_text(re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: f"{BEGIN}\n{text}\n{END}", doc,
-                          flags=re.S))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -284,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
     if args.write:
-        write_doc(text)
+        reporting.write_section(DOC, "scan-blocks", text)
     return 0
 
 

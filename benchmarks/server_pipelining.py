@@ -31,9 +31,10 @@ import tempfile
 import threading
 import time
 
+import reporting
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "benchmarks.md"
-BEGIN, END = "<!-- server-pipelining:begin -->", "<!-- server-pipelining:end -->"
 VARIANTS = (  # (name, pipelined, png threads: None = the server's default)
     ("one batch at a time, PNG on 1 thread", False, 1),
     ("pipelined, PNG on 1 thread", True, 1),
@@ -185,7 +186,7 @@ def run_case(args, variant: tuple, max_batch: int) -> dict:
 def write_doc(rows: list[dict], args, command: str) -> None:
     device = (f"simulated accelerator, {args.device_ms:g} ms + {args.device_ms_per_image:g} ms per image per batch"
               if args.model == "simulated" else "the demo model (its CPU device time)")
-    lines = [BEGIN, f"Measured by `{command}` ({time.strftime('%Y-%m-%d %H:%M')}) on {platform.machine()}, "
+    lines = [f"Measured by `{command}` ({time.strftime('%Y-%m-%d %H:%M')}) on {platform.machine()}, "
              f"{os.cpu_count()} CPU cores: {device}, square (1024x1024) text-to-image, 4 x max_batch concurrent "
              f"clients, {args.requests_per_slot} x that many requests after a warm-up. The load average (1 min) is "
              "read as each case starts.", "",
@@ -193,11 +194,7 @@ def write_doc(rows: list[dict], args, command: str) -> None:
              "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['max_batch']} | {r['variant']} | {r['images_per_s']} | {r['p50_ms']} | {r['p95_ms']} | "
               f"{r['statuses']} | {r['load'][0]} |" for r in rows]
-    lines.append(END)
-    text = DOC.read_text()
-    if BEGIN not in text or END not in text:
-        raise SystemExit(f"{DOC} has no {BEGIN} ... {END} section to replace")
-    DOC.write_text(text[:text.index(BEGIN)] + "\n".join(lines) + text[text.index(END) + len(END):])
+    reporting.write_section(DOC, "server-pipelining", "\n".join(lines))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,16 +21,16 @@ import argparse
 import json
 import os
 import pathlib
-import re
 import shutil
 import subprocess
 import sys
 import textwrap
 import time
 
+import reporting
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "sharding.md"
-BEGIN, END = "<!-- sharded-load:begin -->", "<!-- sharded-load:end -->"
 # "": one device, as benchmarks/convert_memory.py loads. model=8 runs first, while the most memory is free.
 MESHES = ("model=8", "", "data=2,model=4", "data=8")
 DEVICES = 8
@@ -90,11 +90,8 @@ def load(folder: pathlib.Path, mesh_text: str) -> dict:
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     if mesh_text:
         env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={DEVICES}"
-    done = subprocess.run([sys.executable, "-c", _LOAD_CHILD, str(folder), mesh_text], cwd=ROOT, env=env,
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"loading over {mesh_text or 'one device'} failed:\n{done.stderr[-4000:]}")
-    return json.loads(done.stdout.splitlines()[-1])
+    return reporting.child_json([sys.executable, "-c", _LOAD_CHILD, str(folder), mesh_text],
+                                f"loading over {mesh_text or 'one device'}", env=env)
 
 
 def converted_checkpoint(workdir: pathlib.Path) -> pathlib.Path:
@@ -125,8 +122,7 @@ def measure(folder: pathlib.Path) -> list[dict]:
             row["skipped"] = f"floor {row['floor'] / GIB:.1f} GiB > {(available - HEADROOM) / GIB:.1f} GiB available"
         else:
             row.update(load(folder, mesh_text))
-        with open("/proc/loadavg") as f:
-            row["load_average"] = " ".join(f.read().split()[:3])
+        row["load_average"] = reporting.proc_load()
         print(json.dumps(row), file=sys.stderr, flush=True)
         rows.append(row)
     return rows
@@ -150,14 +146,6 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n\n" + textwrap.fill(note, width=116)
 
 
-def write_doc(text: str) -> None:
-    doc = DOC.read_text(encoding="utf-8")
-    pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.DOTALL)
-    if not pattern.search(doc):
-        raise SystemExit(f"{DOC} has no {BEGIN} ... {END} block")
-    DOC.write_text(pattern.sub(lambda _: f"{BEGIN}\n{text}\n{END}", doc), encoding="utf-8")
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--converted", type=pathlib.Path, help="an existing klein-convert folder of klein-4B's shapes")
@@ -173,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(args.workdir, ignore_errors=True)
     print(text)
     if args.write:
-        write_doc(text)
+        reporting.write_section(DOC, "sharded-load", text)
     return 0
 
 

@@ -20,16 +20,16 @@ import argparse
 import json
 import os
 import pathlib
-import re
 import sys
 import textwrap
 import time
+
+import reporting
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 
 DOC = pathlib.Path(__file__).resolve().parent.parent / "docs" / "sharding.md"
-BEGIN, END = "<!-- sharding-memory:begin -->", "<!-- sharding-memory:end -->"
 MODEL_AXES = (1, 2, 4, 8)
 GIB = 2**30
 # Accelerator memory per device (GB as sold = 1e9 bytes); a plan fits when it needs at most FILL of it.
@@ -108,14 +108,6 @@ def table(results: dict) -> str:
     return "\n".join(rows)
 
 
-def write_doc(text: str) -> None:
-    doc = DOC.read_text(encoding="utf-8")
-    pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.DOTALL)
-    if not pattern.search(doc):
-        raise SystemExit(f"{DOC} has no {BEGIN} ... {END} block")
-    DOC.write_text(pattern.sub(lambda _: f"{BEGIN}\n{text}\n{END}", doc), encoding="utf-8")
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--programs", action="store_true", help="also compile the programs (minutes per model)")
@@ -142,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     print(json.dumps(results), file=sys.stderr)
     if not args.no_doc:
-        write_doc(text)
+        reporting.write_section(DOC, "sharding-memory", text)
     return 0
 
 

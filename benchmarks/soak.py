@@ -39,9 +39,9 @@ import httpx
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 from server_support import RecordingServer, ServerProcess, echo_server_command, png_bytes, rss_bytes  # noqa: E402
+import reporting  # noqa: E402
 
 DOCS = REPO / "docs" / "server.md"
-BEGIN, END = "<!-- soak:begin -->", "<!-- soak:end -->"
 KEY = "soak-key"
 MIB = 2**20
 MAX_BODY = 2 * MIB
@@ -312,20 +312,13 @@ def demo_server(tmp: pathlib.Path, name: str, black_hole_port: int, *, drain_s: 
 
 
 def write_docs(results: dict, command: str, path: pathlib.Path = DOCS) -> None:
-    text = path.read_text()
-    lines = [BEGIN, f"Measured by `{command}` on {platform.machine()}, {os.cpu_count()} CPUs "
-                    f"({time.strftime('%Y-%m-%d')}): demo model, square, --max-queue 4 --max-batch 1.", "",
+    lines = [f"Measured by `{command}` on {platform.machine()}, {os.cpu_count()} CPUs "
+             f"({time.strftime('%Y-%m-%d')}): demo model, square, --max-queue 4 --max-batch 1.", "",
              "| run | figure | value |", "|---|---|---|"]
     for run, figures in results.items():
         for name, value in figures.items():
             lines.append(f"| {run} | {name} | {json.dumps(value) if not isinstance(value, str) else value} |")
-    lines.append(END)
-    block = "\n".join(lines)
-    if BEGIN in text:
-        text = text[:text.index(BEGIN)] + block + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    path.write_text(text)
+    reporting.write_section(path, "soak", "\n".join(lines), heading="")
 
 
 def main(argv: list[str] | None = None) -> int:

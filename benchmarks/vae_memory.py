@@ -21,9 +21,11 @@ import subprocess
 import sys
 import time
 
+import reporting
+
 API_SIZES = ("1024x1024", "1344x768", "768x1344", "1248x832", "832x1248", "1184x896", "896x1184", "1568x672")
 DOC = pathlib.Path(__file__).resolve().parent.parent / "docs" / "vae.md"
-BEGIN, END = "<!-- vae-memory:begin -->", "<!-- vae-memory:end -->"
+SECTION = "vae-memory"
 HEADER = ("| W x H | packed latents (w x h x C) | peak RSS after compile (GiB) | peak RSS after decode (GiB) "
           "| XLA temp buffers (GiB) | compile (s) | decode (s) |\n|---|---|---|---|---|---|---|")
 
@@ -87,22 +89,18 @@ def _read_rows(text: str) -> dict[str, str]:
 
 def write_doc(results: list[dict], machine: str) -> None:
     """Merges `results` into the table between the markers of docs/vae.md (creating the section if needed)."""
-    text = DOC.read_text() if DOC.exists() else "# FLUX.2 VAE\n"
-    if BEGIN not in text:
-        text = text.rstrip("\n") + f"\n\n## Decode memory on CPU\n\n{BEGIN}\n{END}\n"
-    head, rest = text.split(BEGIN, 1)
-    old, tail = rest.split(END, 1)
+    old = reporting.read_section(DOC, SECTION) or ""
     rows = _read_rows(old)
     rows.update({r["size"]: _row(r) for r in results})
     ordered = [rows[s] for s in API_SIZES if s in rows] + [v for k, v in rows.items() if k not in API_SIZES]
     machine_lines = [line for line in old.splitlines() if line.startswith("Measured on")]
     machine_line = f"Measured on {machine}." if results else (machine_lines[0] if machine_lines else "")
-    body = "\n".join([
-        "", machine_line, "",
+    text = "\n".join([
+        machine_line, "",
         "Command: `.venv/bin/python benchmarks/vae_memory.py [--sizes WxH ...]` (one child process per size).", "",
-        HEADER, *ordered, "",
+        HEADER, *ordered,
     ])
-    DOC.write_text(head + BEGIN + body + END + tail)
+    reporting.write_section(DOC, SECTION, text, heading="## Decode memory on CPU")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compilation-cache", default=None, metavar="DIR",
                    help=f"persistent XLA compilation cache folder; 'none' to disable "
                         f"(default: ${CACHE_ENV} or {DEFAULT_CACHE})")
-    p.add_argument("--mesh", type=_mesh, default=None, metavar="data=D,model=M",
+    p.add_argument("--mesh", type=mesh_flag, default=None, metavar="data=D,model=M",
                    help="shard over D*M devices: D splits the batch, M the weights (docs/sharding.md); "
                         "default one device")
     p.add_argument("--distributed", action="store_true",
@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _mesh(value: str) -> str:
+def mesh_flag(value: str) -> str:
+    """The argparse type of --mesh (klein-generate and klein-serve): the text, once parse_mesh accepts it."""
     from klein_jax.sharding import parse_mesh
 
     try:

@@ -18,6 +18,7 @@ import socket
 import sys
 import warnings
 
+from klein_jax.cli import mesh_flag
 from server.auth import parse_api_keys
 from server.settings import (DEFAULT_MODEL_ID, Settings, parse_aspect_ratios, parse_dns_servers, parse_hosts,
                              parse_networks)
@@ -38,6 +39,27 @@ def _env(name: str, default=None):
     return os.environ.get(f"KLEIN_{name}", default)
 
 
+def _env_name(flag: str) -> str:
+    """The KLEIN_* variable of a flag, less its prefix: --max-queue -> MAX_QUEUE."""
+    return flag.removeprefix("--").upper().replace("-", "_")
+
+
+def _option(p: argparse.ArgumentParser, flag: str, default: str | None = None, **kwargs) -> None:
+    """A flag whose default is KLEIN_<FLAG> when that variable is set."""
+    p.add_argument(flag, default=_env(_env_name(flag), default), **kwargs)
+
+
+def _switch(p: argparse.ArgumentParser, flag: str, help: str) -> None:
+    """An on/off flag that KLEIN_<FLAG> (1, true, yes or on) also turns on."""
+    p.add_argument(flag, action="store_true", default=_env(_env_name(flag), "").lower() in _TRUE, help=help)
+
+
+def _repeatable(p: argparse.ArgumentParser, flag: str, **kwargs) -> None:
+    """A repeatable flag whose first value is KLEIN_<FLAG> when that variable is set."""
+    value = _env(_env_name(flag))
+    p.add_argument(flag, action="append", default=[value] if value else [], **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """klein-serve's flags; each default comes from KLEIN_<FLAG> when that variable is set."""
     p = _Parser(prog="klein-serve", description="Serve FLUX.2 [klein] over HTTP (POST /v1/generate). API keys come "
@@ -51,70 +73,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora", action="append", metavar="NAME=PATH[:SCALE]", default=loras.split(",") if loras else [],
                    help="a LoRA adapter (.safetensors file, folder or hub id) that requests name with the lora field, "
                         "at SCALE by default (1.0); repeat for several (env KLEIN_LORA, comma-separated)")
-    p.add_argument("--demo", action="store_true", default=_env("DEMO", "").lower() in _TRUE,
-                   help=f"serve a tiny in-memory model with random weights (noise images) as {DEFAULT_MODEL_ID}")
-    p.add_argument("--dtype", choices=("bfloat16", "float32"), default=_env("DTYPE", "bfloat16"),
-                   help="compute and parameter dtype of --model")
-    p.add_argument("--quantization", type=_quantization, default=_env("QUANTIZATION"), metavar="fp8",
-                   help="fp8: the transformer's block kernels stored as float8 e4m3 with a scale per output channel "
-                        "(half their memory; docs/benchmarks.md has its PSNR)")
-    p.add_argument("--attention", type=_attention, default=_env("ATTENTION"), metavar="xla|cudnn|pallas",
-                   help="the transformer's attention backend (default: cudnn on GPU in bfloat16, else xla; pallas: "
-                        "the TPU splash kernel)")
-    p.add_argument("--host", default=_env("HOST", "127.0.0.1"), help="address to listen on")
-    p.add_argument("--port", type=int, default=_env("PORT", "8000"), help="port to listen on (0: any free port)")
-    p.add_argument("--no-auth", action="store_true", default=_env("NO_AUTH", "").lower() in _TRUE,
-                   help="serve without API keys (only on a trusted network)")
-    p.add_argument("--no-playground", action="store_true", default=_env("NO_PLAYGROUND", "").lower() in _TRUE,
-                   help="do not serve the playground page at / (then / is a 404)")
-    p.add_argument("--timeout-s", type=float, default=_env("TIMEOUT_S", "120"),
-                   help="limit on queue wait plus generation; past it, 504")
-    p.add_argument("--max-queue", type=int, default=_env("MAX_QUEUE", "64"),
-                   help="requests waiting for the device; past it, 503 with Retry-After")
-    p.add_argument("--max-batch", type=int, default=_env("MAX_BATCH", "4"),
-                   help="requests of the same shape run together on the device")
-    p.add_argument("--batch-wait-ms", type=float, default=_env("BATCH_WAIT_MS", "5"),
-                   help="how long a batch waits for more requests of its shape")
-    p.add_argument("--aspect-ratios", type=_aspect_ratios, default=_env("ASPECT_RATIOS", "all"),
-                   metavar="all|NAME,...", help="aspect ratios to compile and serve")
-    p.add_argument("--compile-references", type=int, default=_env("COMPILE_REFERENCES"), metavar="N",
-                   help="compile programs for up to N reference images at start-up (0-4; default 4, and 0 with "
-                        "--demo so that the CPU demo is ready in minutes); requests with more compile theirs on "
-                        "first use (a slow first request)")
-    p.add_argument("--allow-hosts", action="append", default=[_env("ALLOW_HOSTS")] if _env("ALLOW_HOSTS") else [],
-                   metavar="HOST,...", help="image_uris hosts fetched whatever they resolve to ('.example.com': "
-                                            "every subdomain); repeatable")
-    p.add_argument("--allow-networks", action="append", metavar="CIDR,...",
-                   default=[_env("ALLOW_NETWORKS")] if _env("ALLOW_NETWORKS") else [],
-                   help="addresses image_uris may connect to although private or loopback; repeatable")
-    p.add_argument("--max-body-bytes", type=int, default=_env("MAX_BODY_BYTES", str(64 * 2**20)),
-                   help="request body limit; past it, 413")
-    p.add_argument("--max-image-bytes", type=int, default=_env("MAX_IMAGE_BYTES", str(16 * 2**20)),
-                   help="limit per reference image (upload, fetched or data: URI); past it, 422")
-    p.add_argument("--max-image-pixels", type=int, default=_env("MAX_IMAGE_PIXELS", str(4096 * 4096)),
-                   help="pixel limit per reference image (decompression bombs); past it, 422")
-    p.add_argument("--fetch-timeout-s", type=float, default=_env("FETCH_TIMEOUT_S", "10"),
-                   help="time limit per image_uris entry, redirects included")
-    p.add_argument("--max-redirects", type=int, default=_env("MAX_REDIRECTS", "3"),
-                   help="redirects followed per image_uris entry")
-    p.add_argument("--max-decoded-pixels", type=int, default=_env("MAX_DECODED_PIXELS"), metavar="N",
-                   help="decoded reference pixels all requests may hold at once (default 4 x --max-image-pixels); "
-                        "requests past it wait for their turn to decode")
-    p.add_argument("--dns-servers", default=_env("DNS_SERVERS", ""), metavar="IP[:PORT],...",
-                   help="DNS servers that resolve image_uris hosts (default: those of /etc/resolv.conf)")
-    p.add_argument("--dns-timeout-s", type=float, default=_env("DNS_TIMEOUT_S", "5"),
-                   help="time limit per image_uris host look-up; past it, 422")
-    p.add_argument("--drain-timeout-s", type=float, default=_env("DRAIN_TIMEOUT_S", "30"),
-                   help="after SIGTERM or SIGINT: time to answer what is queued or running before exiting 0")
-    p.add_argument("--mesh", type=_mesh, default=_env("MESH"), metavar="data=D,model=M",
-                   help="shard every model over D*M devices: D splits the batch, M the weights (docs/sharding.md); "
-                        "default one device")
-    p.add_argument("--distributed", action="store_true", default=_env("DISTRIBUTED", "").lower() in _TRUE,
-                   help="one process per host of a multi-host job (jax.distributed; docs/deployment.md): process 0 "
-                        "serves HTTP, the others run its batches")
-    p.add_argument("--compile-cache", default=_env("COMPILE_CACHE"), metavar="DIR",
-                   help="persistent JAX compilation cache: later starts load programs instead of compiling")
-    p.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"), choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    _switch(p, "--demo", f"serve a tiny in-memory model with random weights (noise images) as {DEFAULT_MODEL_ID}")
+    _option(p, "--dtype", "bfloat16", choices=("bfloat16", "float32"), help="compute and parameter dtype of --model")
+    _option(p, "--quantization", type=_quantization, metavar="fp8",
+            help="fp8: the transformer's block kernels stored as float8 e4m3 with a scale per output channel "
+                 "(half their memory; docs/benchmarks.md has its PSNR)")
+    _option(p, "--attention", type=_attention, metavar="xla|cudnn|pallas",
+            help="the transformer's attention backend (default: cudnn on GPU in bfloat16, else xla; pallas: the TPU "
+                 "splash kernel)")
+    _option(p, "--host", "127.0.0.1", help="address to listen on")
+    _option(p, "--port", "8000", type=int, help="port to listen on (0: any free port)")
+    _switch(p, "--no-auth", "serve without API keys (only on a trusted network)")
+    _switch(p, "--no-playground", "do not serve the playground page at / (then / is a 404)")
+    _option(p, "--timeout-s", "120", type=float, help="limit on queue wait plus generation; past it, 504")
+    _option(p, "--max-queue", "64", type=int, help="requests waiting for the device; past it, 503 with Retry-After")
+    _option(p, "--max-batch", "4", type=int, help="requests of the same shape run together on the device")
+    _option(p, "--batch-wait-ms", "5", type=float, help="how long a batch waits for more requests of its shape")
+    _option(p, "--aspect-ratios", "all", type=_aspect_ratios, metavar="all|NAME,...",
+            help="aspect ratios to compile and serve")
+    _option(p, "--compile-references", type=int, metavar="N",
+            help="compile programs for up to N reference images at start-up (0-4; default 4, and 0 with --demo so "
+                 "that the CPU demo is ready in minutes); requests with more compile theirs on first use (a slow "
+                 "first request)")
+    _repeatable(p, "--allow-hosts", metavar="HOST,...", help="image_uris hosts fetched whatever they resolve to "
+                                                             "('.example.com': every subdomain); repeatable")
+    _repeatable(p, "--allow-networks", metavar="CIDR,...",
+                help="addresses image_uris may connect to although private or loopback; repeatable")
+    _option(p, "--max-body-bytes", str(64 * 2**20), type=int, help="request body limit; past it, 413")
+    _option(p, "--max-image-bytes", str(16 * 2**20), type=int,
+            help="limit per reference image (upload, fetched or data: URI); past it, 422")
+    _option(p, "--max-image-pixels", str(4096 * 4096), type=int,
+            help="pixel limit per reference image (decompression bombs); past it, 422")
+    _option(p, "--fetch-timeout-s", "10", type=float, help="time limit per image_uris entry, redirects included")
+    _option(p, "--max-redirects", "3", type=int, help="redirects followed per image_uris entry")
+    _option(p, "--max-decoded-pixels", type=int, metavar="N",
+            help="decoded reference pixels all requests may hold at once (default 4 x --max-image-pixels); "
+                 "requests past it wait for their turn to decode")
+    _option(p, "--dns-servers", "", metavar="IP[:PORT],...",
+            help="DNS servers that resolve image_uris hosts (default: those of /etc/resolv.conf)")
+    _option(p, "--dns-timeout-s", "5", type=float, help="time limit per image_uris host look-up; past it, 422")
+    _option(p, "--drain-timeout-s", "30", type=float,
+            help="after SIGTERM or SIGINT: time to answer what is queued or running before exiting 0")
+    _option(p, "--mesh", type=mesh_flag, metavar="data=D,model=M",
+            help="shard every model over D*M devices: D splits the batch, M the weights (docs/sharding.md); "
+                 "default one device")
+    _switch(p, "--distributed", "one process per host of a multi-host job (jax.distributed; docs/deployment.md): "
+                                "process 0 serves HTTP, the others run its batches")
+    _option(p, "--compile-cache", metavar="DIR",
+            help="persistent JAX compilation cache: later starts load programs instead of compiling")
+    _option(p, "--log-level", "INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     return p
 
 
@@ -133,16 +140,6 @@ def _quantization(value: str) -> str:
         return check_quantization(value)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def _mesh(value: str) -> str:
-    from klein_jax.sharding import parse_mesh
-
-    try:
-        parse_mesh(value)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return value
 
 
 def _aspect_ratios(value: str) -> tuple[str, ...]:

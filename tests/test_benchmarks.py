@@ -14,6 +14,10 @@ import pytest
 from klein_jax.configs import KLEIN_4B, KLEIN_9B, TINY_TRANSFORMER
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+if str(ROOT / "benchmarks") not in sys.path:
+    sys.path.append(str(ROOT / "benchmarks"))  # the scripts import benchmarks/reporting.py, as they do when run
+
+import reporting
 
 
 def load_script(name: str):
@@ -114,6 +118,23 @@ def test_write_doc_replaces_only_its_own_section(tmp_path, monkeypatch):
     assert "<!-- accelerator-4b:begin -->\nnew 4b\n<!-- accelerator-4b:end -->" in text
     assert "<!-- cold-start:begin -->\nnew cold\n<!-- cold-start:end -->" in text
     assert text.rstrip().endswith("<!-- accelerator-9b:begin -->\nnew 9b\n<!-- accelerator-9b:end -->")
+
+
+def test_write_section_replaces_appends_under_a_heading_or_refuses(tmp_path):
+    doc = tmp_path / "lora.md"
+    doc.write_text("intro\n<!-- a:start -->\nold\n<!-- a:end -->\noutro  \n")
+    reporting.write_section(doc, "a", "new", opening="start")
+    assert doc.read_text() == "intro\n<!-- a:start -->\nnew\n<!-- a:end -->\noutro  \n"
+    with pytest.raises(SystemExit, match="has no <!-- b:begin --> ... <!-- b:end --> section"):
+        reporting.write_section(doc, "b", "text")
+    reporting.write_section(doc, "b", "text", heading="## B")
+    assert doc.read_text() == ("intro\n<!-- a:start -->\nnew\n<!-- a:end -->\noutro\n\n"
+                               "## B\n\n<!-- b:begin -->\ntext\n<!-- b:end -->\n")
+    assert reporting.read_section(doc, "b") == "\ntext\n" and reporting.read_section(doc, "c") is None
+
+
+def test_markdown_table_writes_empty_cells_with_one_space():
+    assert reporting.table(("a", "b", "c"), [["1", "", "-"]]) == "| a | b | c |\n|---|---|---|\n| 1 | | - |"
 
 
 # -------------------------------------------------------------------------------------------- cold_start.py
