@@ -146,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     from klein_jax.pipeline import KleinPipeline
 
     try:
+        references = _open_images(args.image)  # bad input fails before minutes of loading
         if args.distributed:
             distributed.initialize(os.environ)
         if cache is not None:
@@ -167,7 +168,6 @@ def main(argv: list[str] | None = None) -> int:
             pipe.load_lora_weights(path, adapter_name="lora")
             pipe.set_adapters(["lora"], [1.0 if scale is None else scale])
         load_s = time.perf_counter() - start
-        references = _open_images(args.image)
         options = dict(width=width, height=height, num_inference_steps=args.steps, guidance_scale=args.guidance_scale)
         request = pipe.prepare(args.prompt, references, seed=args.seed, **options)  # validates before any compile
         seed = distributed.broadcast(request.seed)  # every process of a job draws process 0's noise

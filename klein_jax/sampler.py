@@ -194,6 +194,12 @@ class _Graphs:
     transformer: Any
     vae: Any
     text_encoder: Any
+    mesh: jax.sharding.Mesh
+
+
+def _vae(graphs: _Graphs, state):
+    """The VAE merged inside the traced function, its weights gathered whole from their shards (sharding.GATHERED)."""
+    return nnx.merge(graphs.vae, sharding.gathered(state, graphs.mesh))
 
 
 def _reference_tokens(inputs: dict) -> jax.Array:
@@ -280,7 +286,7 @@ def _reference_kv(transformer, inputs: dict) -> ReferenceKV:
 
 def _generate(states, inputs, *, graphs: _Graphs, plan: GeneratePlan):
     transformer = _transformer(graphs, states[0], inputs, plan)
-    vae = nnx.merge(graphs.vae, states[1])
+    vae = _vae(graphs, states[1])
     if _caches_references(plan):
         inputs = {**inputs, "ref_kv": _reference_kv(transformer, inputs)}
     latents = _initial_latents(inputs, plan, transformer.config.in_channels, inputs["text_embeds"].dtype)
@@ -302,7 +308,7 @@ def _reference_kv_only(state, inputs, *, graphs: _Graphs, plan: GeneratePlan) ->
 
 
 def _decode_only(state, latents, *, graphs: _Graphs, plan: DecodePlan):
-    return _decode(nnx.merge(graphs.vae, state), latents, plan.grid)
+    return _decode(_vae(graphs, state), latents, plan.grid)
 
 
 def _noise(key_data, *, channels: int, dtype, plan: NoisePlan):
@@ -314,7 +320,7 @@ def _encode_text(state, input_ids, attention_mask, *, graphs: _Graphs, dtype):
 
 
 def _encode_references(state, images, valid_hw, *, graphs: _Graphs, slot_tokens: int):
-    vae = nnx.merge(graphs.vae, state)
+    vae = _vae(graphs, state)
     # diffusers: image.to(dtype=vae.dtype) before _encode_vae_image
     return vae.encode_reference_tokens(images.astype(vae.encoder.conv_in.kernel[...].dtype), valid_hw, slot_tokens)
 
@@ -349,7 +355,7 @@ class Sampler:
         for name, module in (("transformer", transformer), ("text_encoder", text_encoder)):
             sharding.check_model_axis(name, module.config, self.mesh)
         graphs, states = zip(*(nnx.split(m) for m in (transformer, vae, text_encoder)))
-        self._graphs = _Graphs(*graphs)
+        self._graphs = _Graphs(*graphs, mesh=self.mesh)
         self._transformer_state, self._vae_state, self._text_state = (
             sharding.shard_state(state, name, self.mesh)
             for state, name in zip(states, ("transformer", "vae", "text_encoder")))

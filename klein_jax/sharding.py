@@ -36,23 +36,34 @@ _DOUBLE = r"transformer/transformer_blocks/\d+"
 _SINGLE = r"transformer/single_transformer_blocks/\d+"
 _QWEN = r"text_encoder/layers/\d+"
 
+
+class Gathered:
+    """Stored split over `model` along its last dimension that the axis divides (replicated if none does), and
+    gathered whole inside each program before use (`gathered`): a weight's memory split without splitting its
+    computation, for the VAE, whose convolutions would otherwise all-gather their activations layer by layer."""
+
+    def __repr__(self) -> str:
+        return "GATHERED"
+
+
+GATHERED = Gathered()
+
 # "component/path/of/the/parameter" (nnx state paths joined by "/") -> how it is split; first match wins.
-PARTITION_RULES: tuple[tuple[str, P], ...] = (
+PARTITION_RULES: tuple[tuple[str, P | Gathered], ...] = (
     # Fused projections (klein_jax/models/fused.py), the model's layout: the group axis G is split, so each device
     # holds whole heads and MLP units of q|k|v, gate|value and attn|mlp alike (no all-to-all, one all-reduce).
     (_SINGLE + r"/attn/to_out/grouped_kernel", P(MODEL, None, None)),  # (G, C, out): row-parallel
     (r"transformer/.*/grouped_kernel", P(None, MODEL, None)),  # (in, G, C): column-parallel
-    # The rows below up to the Qwen3 ones are the storage layout (checkpoint tensors, placed shard by shard at load
-    # before fill_module fuses them into the rows above).
-    # Flux2TransformerBlock: per-stream q/k/v column (heads), the output projections row.
-    (_DOUBLE + r"/attn/(to_q|to_k|to_v|add_q_proj|add_k_proj|add_v_proj)/kernel", _COLUMN),
+    # The parts of the fused layers as stored (checkpoint tensors, placed shard by shard at load): split along the
+    # side that is not grouped (the model width D), so that each device fuses its own rows (columns) of every part
+    # and one all-to-all per layer moves the fused kernel onto the rows above (klein_jax/models/fused.py).
+    (_DOUBLE + r"/attn/(to_q|to_k|to_v|add_q_proj|add_k_proj|add_v_proj)/kernel", _ROW),
+    (_DOUBLE + r"/(ff|ff_context)/linear_in/kernel", _ROW),
+    (_SINGLE + r"/attn/to_qkv_mlp_proj/kernel", _ROW),
+    (_SINGLE + r"/attn/to_out/kernel", _COLUMN),
+    # Flux2TransformerBlock's unfused layers: the attention and MLP output projections row-parallel.
     (_DOUBLE + r"/attn/(to_out|to_add_out)/kernel", _ROW),
-    # Flux2FeedForward: fused gate|value projection column, output projection row.
-    (_DOUBLE + r"/(ff|ff_context)/linear_in/kernel", _COLUMN),
     (_DOUBLE + r"/(ff|ff_context)/linear_out/kernel", _ROW),
-    # Flux2ParallelSelfAttention: fused q|k|v|gate|value projection column, fused attention+MLP output row.
-    (_SINGLE + r"/attn/to_qkv_mlp_proj/kernel", _COLUMN),
-    (_SINGLE + r"/attn/to_out/kernel", _ROW),
     # Qwen3 decoder layers: q/k/v and gate/up column, o/down row.
     (_QWEN + r"/self_attn/(q_proj|k_proj|v_proj)/kernel", _COLUMN),
     (_QWEN + r"/self_attn/o_proj/kernel", _ROW),
@@ -67,8 +78,10 @@ PARTITION_RULES: tuple[tuple[str, P], ...] = (
     (r"text_encoder/embed_tokens/embedding", _COLUMN),
     (r"transformer/(double_stream_modulation_img|double_stream_modulation_txt|single_stream_modulation|norm_out)"
      r"/linear/kernel", _ROW),
-    (r"transformer/context_embedder/kernel", _ROW),
-    # Everything else: norms, the timestep embedding, x_embedder, proj_out, the VAE.
+    (r"transformer/(context_embedder|time_guidance_embed/timestep_embedder/linear_2)/kernel", _ROW),
+    # The VAE (0.16 GiB; 1.1 GiB of 8 devices' memory if replicated): split at rest, whole in its programs.
+    (r"vae/.*", GATHERED),
+    # Everything else: norms, the timestep embedding's first layer, x_embedder, proj_out.
     (r".*", P()),
 )
 _RULES = tuple((re.compile(pattern), spec) for pattern, spec in PARTITION_RULES)
@@ -139,10 +152,19 @@ def mesh_sizes(mesh: Mesh) -> dict[str, int]:
 # --------------------------------------------------------------------------------------------- parameters
 
 
-def partition_spec(component: str, path: Path) -> P:
-    """The PartitionSpec of one parameter: the first PARTITION_RULES row matching "component/path"."""
+def partition_spec(component: str, path: Path) -> P | Gathered:
+    """The table's entry for one parameter: the first PARTITION_RULES row matching "component/path"."""
     name = "/".join([component, *map(str, path)])
     return next(spec for regex, spec in _RULES if regex.fullmatch(name))
+
+
+def placement_spec(component: str, path: Path, shape: Sequence[int], model: int) -> P:
+    """How one parameter of `shape` lies on a mesh whose model axis has `model` devices (GATHERED resolved)."""
+    spec = partition_spec(component, path)
+    if not isinstance(spec, Gathered):
+        return spec
+    split = next((dim for dim in reversed(range(len(shape))) if shape[dim] % model == 0), None)
+    return P() if model == 1 or split is None else P(*[MODEL if dim == split else None for dim in range(split + 1)])
 
 
 def check_model_axis(component: str, config: Any, mesh: Mesh) -> None:
@@ -160,7 +182,7 @@ def param_shardings(component: str, expected: Mapping[Path, tuple[tuple[int, ...
     """path -> NamedSharding of every parameter of a component (expected: path -> (shape, dtype))."""
     out = {}
     for path, (shape, _) in expected.items():
-        spec = partition_spec(component, path)
+        spec = placement_spec(component, path, shape, mesh.shape[MODEL])
         for dim, axis in enumerate(spec):
             if axis is not None and shape[dim] % mesh.shape[axis]:
                 raise ValueError(f"{component}: {'.'.join(map(str, path))} has {shape[dim]} along dimension {dim}, "
@@ -178,6 +200,12 @@ def shard_state(state, component: str, mesh: Mesh):
     shardings = param_shardings(component, shapes, mesh)
     return nnx.from_flat_state([(path, variable.replace(put(variable.get_value(), shardings[tuple(path)])))
                                 for path, variable in flat])
+
+
+def gathered(state, mesh: Mesh):
+    """Inside a traced program: `state` (a GATHERED component's) whole on every device, all-gathered from its shards."""
+    whole = replicated(mesh)
+    return jax.tree.map(lambda value: jax.lax.with_sharding_constraint(value, whole), state)
 
 
 # -------------------------------------------------------------------------------------------- activations

@@ -53,3 +53,13 @@ def test_a_pending_array_is_read_once():
     assert pending.read().flags.c_contiguous
     with pytest.raises(RuntimeError, match="already read"):
         pending.read()
+
+
+def test_restore_reserves_room_for_the_largest_array():
+    """orbax refuses to read an array larger than the bytes it reserved: the 9B text encoder's embedding (1.24 GB)
+    must raise the 1 GB default, and a float32 array read as bfloat16 counts at its saved size."""
+    from klein_jax.loading import checkpoint
+
+    assert checkpoint._restore_concurrent_gb([((151936, 2560), np.dtype("bfloat16"))]) == 1
+    assert checkpoint._restore_concurrent_gb([((151936, 4096), np.dtype("bfloat16"))]) == 2
+    assert checkpoint._restore_concurrent_gb([((8, 8), np.float32), ((151936, 4096), np.float32)]) == 3

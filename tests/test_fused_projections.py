@@ -154,3 +154,48 @@ def test_a_misaligned_split_would_show(collectives):
     """The same program with the grouped kernels split inside each group (a deliberate bug) moves activations."""
     bad = collectives["misaligned"]
     assert bad["all-to-all"] + bad["collective-permute"] + bad["all-gather"] > 0
+
+
+_FUSE_CHILD = """
+import json, re
+import jax, jax.numpy as jnp, numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+from klein_jax.models import fused
+from klein_jax.sharding import make_mesh
+mesh = make_mesh("model=4")
+rng = np.random.default_rng(0)
+out = {}
+# a single block's q|k|v|gate|value (OUTPUT, one part) and attn|mlp output rows (INPUT), 8 groups; q, k, v parts
+for name, segments, parts, side in (("qkv_mlp", (32, 32, 32, 96, 96), ("p",), "output"),
+                                    ("out", (32, 96), ("p",), "input"), ("qkv", (32, 32, 32), ("q", "k", "v"), "output")):
+    layer = nnx.eval_shape(lambda: fused.GroupedLinear(16, segments, 8, parts, side=side, dtype=jnp.float32,
+                                                       param_dtype=jnp.float32, rngs=nnx.Rngs(0)))
+    shapes = list(layer.storage_shapes().values())
+    host = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    stored = P("model", None) if side == "output" else P(None, "model")  # klein_jax/sharding.py's storage rows
+    placed = [jax.device_put(k, NamedSharding(mesh, stored)) for k in host]
+    got = layer.fuse(placed)
+    axis = layer._ungrouped_split(placed[0].sharding)
+    text = fused._sharded_fuser(layer.features, layer.segments, layer.num_groups, side, mesh, axis).lower(
+        placed).compile().as_text()
+    out[name] = {"equal": bool(np.array_equal(np.asarray(got), layer.fuse(host))), "spec": str(got.sharding.spec),
+                 "shard": list(got.addressable_shards[0].data.shape), "whole": list(got.shape),
+                 "all-gather": len(re.findall(r"all-gather(-start)?\\(", text))}
+print(json.dumps(out))
+"""
+
+
+def test_sharded_parts_are_fused_per_device_without_gathering_a_kernel():
+    """Parts placed as the table stores them (split along D) on model=4: the fused kernel equals the host fusion,
+    lies on its group split, and the fusion program has no all-gather (no device ever holds a whole kernel)."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run([sys.executable, "-c", _FUSE_CHILD], env=env, capture_output=True, text=True, cwd=ROOT,
+                          timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    for name, r in result.items():
+        group_axis = 0 if name == "out" else 1
+        assert r["equal"], name
+        assert r["shard"][group_axis] == r["whole"][group_axis] // 4 == 2, (name, r)
+        assert r["all-gather"] == 0, (name, r)

@@ -57,6 +57,12 @@ def test_missing_model_exits_1(tmp_path, capsys):
     assert len(err.strip().splitlines()) == 1
 
 
+def test_a_bad_image_is_refused_before_the_model_loads(tmp_path, capsys):
+    code, _, err = run(capsys, "--model", tmp_path / "nowhere", "--prompt", "a cat", "--compilation-cache", "none",
+                       "--image", tmp_path / "missing.png")
+    assert code == 1 and "cannot read image" in err and "source not found" not in err
+
+
 @pytest.mark.parametrize("flag, env, want", [
     (["--compilation-cache", "{tmp}/xla"], None, "{tmp}/xla"),
     ([], "{tmp}/from-env", "{tmp}/from-env"),

@@ -364,14 +364,15 @@ def test_worker_admits_only_what_can_finish_in_time():
 
 
 def test_worker_drain_refuses_what_cannot_finish_and_runs_the_rest():
-    pipe = FakePipeline(delay_s=0.3)
+    pipe = FakePipeline(delay_s=0.6)
     worker = _worker(pipe, max_queue=8, max_batch=1, batch_wait_s=0.0)
 
     async def go():
         await worker.submit("m", pipe.prepare("measure", seed=0)).future
         jobs = [worker.submit("m", pipe.prepare(f"p{i}", seed=i)) for i in range(4)]
         await asyncio.to_thread(time.sleep, 0.05)
-        worker.drain(time.perf_counter() + 0.8)  # room for the running one (0.25 s left) and one more
+        # the running one ends in ~0.55 s, the next at ~1.15 s, the third at ~1.75 s: 0.3 s of slack either way
+        worker.drain(time.perf_counter() + 1.45)
         with pytest.raises(WorkerStopped):
             worker.submit("m", pipe.prepare("new", seed=7))
         return await asyncio.gather(*(job.future for job in jobs), return_exceptions=True)

@@ -17,6 +17,7 @@ import sys
 import jax
 import numpy as np
 import PIL.Image
+from flax import nnx
 import pytest
 from jax.sharding import AbstractMesh
 from jax.sharding import PartitionSpec as P
@@ -107,36 +108,47 @@ def test_make_mesh():
 
 
 @pytest.mark.parametrize("component, path, spec", [
-    ("transformer", ("transformer_blocks", 3, "attn", "to_q", "kernel"), P(None, "model")),
-    ("transformer", ("transformer_blocks", 3, "attn", "add_v_proj", "kernel"), P(None, "model")),
+    # the fused layers' parts as stored: split along the model width D, fused per device at load
+    ("transformer", ("transformer_blocks", 3, "attn", "to_q", "kernel"), P("model", None)),
+    ("transformer", ("transformer_blocks", 3, "attn", "add_v_proj", "kernel"), P("model", None)),
     ("transformer", ("transformer_blocks", 3, "attn", "to_add_out", "kernel"), P("model", None)),
-    ("transformer", ("transformer_blocks", 0, "ff_context", "linear_in", "kernel"), P(None, "model")),
+    ("transformer", ("transformer_blocks", 0, "ff_context", "linear_in", "kernel"), P("model", None)),
     ("transformer", ("transformer_blocks", 0, "ff", "linear_out", "kernel"), P("model", None)),
-    ("transformer", ("single_transformer_blocks", 19, "attn", "to_qkv_mlp_proj", "kernel"), P(None, "model")),
-    ("transformer", ("single_transformer_blocks", 19, "attn", "to_out", "kernel"), P("model", None)),
+    ("transformer", ("single_transformer_blocks", 19, "attn", "to_qkv_mlp_proj", "kernel"), P("model", None)),
+    ("transformer", ("single_transformer_blocks", 19, "attn", "to_out", "kernel"), P(None, "model")),
+    ("transformer", ("single_transformer_blocks", 19, "attn", "to_qkv_mlp_proj", "grouped_kernel"),
+     P(None, "model", None)),
+    ("transformer", ("single_transformer_blocks", 19, "attn", "to_out", "grouped_kernel"), P("model", None, None)),
+    ("transformer", ("transformer_blocks", 3, "attn", "to_qkv", "grouped_kernel"), P(None, "model", None)),
     ("transformer", ("transformer_blocks", 3, "attn", "norm_q", "scale"), P()),
     ("transformer", ("double_stream_modulation_img", "linear", "kernel"), P("model", None)),
     ("transformer", ("context_embedder", "kernel"), P("model", None)),
-    ("transformer", ("time_guidance_embed", "timestep_embedder", "linear_2", "kernel"), P()),
+    ("transformer", ("time_guidance_embed", "timestep_embedder", "linear_2", "kernel"), P("model", None)),
+    ("transformer", ("time_guidance_embed", "timestep_embedder", "linear_1", "kernel"), P()),
     ("transformer", ("x_embedder", "kernel"), P()),
     ("text_encoder", ("layers", 26, "self_attn", "k_proj", "kernel"), P(None, "model")),
     ("text_encoder", ("layers", 26, "self_attn", "o_proj", "kernel"), P("model", None)),
     ("text_encoder", ("layers", 0, "mlp", "up_proj", "kernel"), P(None, "model")),
     ("text_encoder", ("layers", 0, "mlp", "down_proj", "kernel"), P("model", None)),
     ("text_encoder", ("embed_tokens", "embedding"), P(None, "model")),  # (vocab, hidden) over hidden
-    ("vae", ("decoder", "up_blocks", 0, "resnets", 0, "conv1", "kernel"), P()),
+    ("vae", ("decoder", "up_blocks", 0, "resnets", 0, "conv1", "kernel"), sharding.GATHERED),
+    ("vae", ("decoder", "conv_norm_out", "scale"), sharding.GATHERED),
 ])
 def test_partition_table(component, path, spec):
     assert sharding.partition_spec(component, path) == spec
 
 
 def test_klein_4b_splits_every_block_matmul():
-    """Column/row pairs: per double block q, k, v, add_q, add_k, add_v, two MLP inputs (column) and two attention and
-    two MLP outputs (row); per single block one of each; per Qwen3 layer 5 column and 2 row. Outside the blocks: the
-    three shared modulations, norm_out and context_embedder (row) and the token embedding (its hidden axis)."""
-    params = expected_params(abstract_module("transformer", KLEIN_4B, "bfloat16"))
-    specs = [sharding.partition_spec("transformer", path) for path in params]
-    assert (specs.count(P(None, "model")), specs.count(P("model", None))) == (5 * 8 + 20, 5 * 4 + 20 + 5)
+    """Column/row pairs: per double block the fused q|k|v of each stream and two fused MLP inputs (column, their group
+    axis) and two attention and two MLP outputs (row); per single block one of each; per Qwen3 layer 5 column and 2
+    row. Outside the blocks: the three shared modulations, norm_out, context_embedder and the timestep MLP's output
+    (row) and the token embedding (its hidden axis). As stored, every part of a fused layer is split (along D)."""
+    abstract = abstract_module("transformer", KLEIN_4B, "bfloat16")
+    specs = [sharding.partition_spec("transformer", path) for path, _ in nnx.to_flat_state(nnx.state(abstract))]
+    assert (specs.count(P(None, "model", None)), specs.count(P("model", None, None))) == (5 * 4 + 20, 20)
+    assert specs.count(P("model", None)) == 5 * 4 + 6
+    stored = [sharding.partition_spec("transformer", path) for path in expected_params(abstract)]
+    assert (stored.count(P(None, "model")), stored.count(P("model", None))) == (20, 5 * 12 + 20 + 6)
     params = expected_params(abstract_module("text_encoder", QWEN3_4B, "bfloat16"))
     specs = [sharding.partition_spec("text_encoder", path) for path in params]
     assert (specs.count(P(None, "model")), specs.count(P("model", None))) == (27 * 5 + 1, 27 * 2)
@@ -244,14 +256,15 @@ def test_each_device_holds_only_its_shard(runs, run):
         expected_bytes = 0
         for path, spec in info["specs"].items():
             (shape,) = single[component]["shards"][path]  # one device holds the whole array
-            want = sharding.partition_spec(component, tuple(int(p) if p.isdigit() else p for p in path.split(".")))
+            key = tuple(int(p) if p.isdigit() else p for p in path.split("."))
+            want = sharding.placement_spec(component, key, shape, model)
             assert _padded(spec, len(shape)) == _padded(want, len(shape)), (component, path)
             shard = [n // model if axis == "model" else n for n, axis in zip(shape, _padded(want, len(shape)))]
             assert info["shards"][path] == [shard] * devices, (component, path)
             expected_bytes += 4 * int(np.prod(shard))  # float32
         assert list(info["bytes"].values()) == [expected_bytes] * devices, component
         whole = sum(single[component]["bytes"].values())
-        assert expected_bytes < whole if model > 1 and component != "vae" else expected_bytes == whole, component
+        assert expected_bytes < whole if model > 1 else expected_bytes == whole, component
     shards = placement["transformer"]["shards"]
     # q|k|v fused (docs/sharding.md): (64, 8 groups, 3 x 8) split over the groups, whole heads on each device
     assert shards["transformer_blocks.0.attn.to_qkv.grouped_kernel"] == [[64, 8 // model, 24]] * devices
@@ -293,3 +306,48 @@ def test_two_processes_generate_the_one_process_images(model_folder, runs, tmp_p
     served = _load(tmp_path / f"{run_name(run)}-p0.npz")["served_images"]  # Leader.run_batch, process 1 following
     want = np.stack([np.asarray(image) for image in numpy_to_pil(single["images"])])
     assert served.shape == want.shape and np.abs(served.astype(int) - want).max() <= 1  # a rounding step at most
+
+
+# ------------------------------------------------------------------------------------ the VAE: split at rest
+
+_VAE_CHILD = """
+import json, re
+import jax, jax.numpy as jnp
+from flax import nnx
+from klein_jax import sharding
+from klein_jax.configs import TINY_VAE
+from klein_jax.models.vae import Flux2VAE
+from klein_jax.sampler import _Graphs, _decode, _vae
+mesh = sharding.make_mesh("model=2")
+graph, state = nnx.split(Flux2VAE(TINY_VAE, rngs=nnx.Rngs(0)))
+state = sharding.shard_state(state, "vae", mesh)
+latents = jax.ShapeDtypeStruct((1, 16, TINY_VAE.packed_channels), jnp.float32, sharding=sharding.replicated(mesh))
+graphs = _Graphs(None, graph, None, mesh)
+out = {"whole": [list(leaf.shape) for leaf in jax.tree.leaves(state) if leaf.addressable_shards[0].data.shape == leaf.shape],
+       "params": sorted({str(list(leaf.shape)) for leaf in jax.tree.leaves(state)})}
+for name, merge in (("gathered", lambda s: _vae(graphs, s)), ("merged as stored", lambda s: nnx.merge(graph, s))):
+    hlo = jax.jit(lambda s, x: _decode(merge(s), x, (4, 4))).lower(state, latents).compile().as_text()
+    out[name] = {op: [str([int(n) for n in dims.split(",") if n]) for dims in re.findall(rf"= f32\\[([\\d,]*)\\]\\S* {op}(?:-start)?\\(", hlo)]
+                 for op in ("all-gather", "all-reduce", "collective-permute", "all-to-all")}
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def vae_collectives() -> dict:
+    done = subprocess.run([sys.executable, "-c", _VAE_CHILD], env=_env(2), capture_output=True, text=True,
+                          timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_the_vae_is_split_at_rest_and_its_decode_gathers_only_weights(vae_collectives):
+    """model=2: every VAE tensor with an even dimension held as halves; the decode all-gathers weights (parameter
+    shapes) and moves no activation; merging the stored halves without the gather (a deliberate bug) splits the
+    convolutions instead."""
+    assert all(n % 2 for shape in vae_collectives["whole"] for n in shape)  # only odd-shaped tensors (3 channels)
+    gathered, params = vae_collectives["gathered"], set(vae_collectives["params"])
+    assert gathered["all-gather"] and set(gathered["all-gather"]) <= params
+    assert gathered["all-reduce"] == gathered["collective-permute"] == gathered["all-to-all"] == []
+    stored = vae_collectives["merged as stored"]
+    assert stored["all-reduce"] or not set(stored["all-gather"]) <= params

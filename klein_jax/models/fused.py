@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 Path = tuple
 OUTPUT, INPUT = "output", "input"
@@ -101,22 +102,28 @@ class GroupedLinear(nnx.Module):
     def fuse(self, kernels: list) -> jax.Array | np.ndarray:
         """The parts' kernels (numpy or jax arrays, in `parts` order) -> the grouped kernel (the same kind).
 
-        Parts placed on a mesh with their grouped axis split (a column split of OUTPUT parts, a row split of an
-        INPUT part) give a grouped kernel whose group axis is split over the same mesh axis, fused in one program
-        per layer (never whole on every device)."""
+        Parts placed on a mesh split along their ungrouped side (the rows of OUTPUT parts, the columns of an INPUT
+        part: klein_jax/sharding.py's storage rows) are fused shard by shard, each device its own rows, and the
+        result moved onto its group split by one all-to-all, in one program per layer shape: no device ever
+        holds a whole kernel."""
         layout = (self.features, self.segments, self.num_groups, self.side)
-        if any(isinstance(k, jax.Array) for k in kernels):
-            return _fuser(*layout, self._carried_sharding(kernels[0].sharding))(kernels)
-        return _fuse(kernels, *layout, np)
+        if not any(isinstance(k, jax.Array) for k in kernels):
+            return _fuse(kernels, *layout, np)
+        sharding = kernels[0].sharding
+        axis = self._ungrouped_split(sharding)
+        if axis is None:
+            return _fuser(*layout)(kernels)
+        # One layer's all-to-all at a time: with dozens of collective programs in flight, CPU devices (which share
+        # one thread pool) deadlock in the rendezvous (seen with 8 fake devices); a load waits on reading anyway.
+        return _sharded_fuser(*layout, sharding.mesh, axis)(kernels).block_until_ready()
 
-    def _carried_sharding(self, sharding):
-        """The parts' split of the grouped axis carried over to the group axis (None: XLA chooses)."""
+    def _ungrouped_split(self, sharding) -> str | None:
+        """The mesh axis the parts' ungrouped side is split over (placed by the table, even of one device), else None."""
         if not isinstance(sharding, jax.sharding.NamedSharding):
             return None
         spec = tuple(sharding.spec) + (None,) * (2 - len(sharding.spec))
-        axis = spec[1] if self.side == OUTPUT else spec[0]
-        spec = (None, axis, None) if self.side == OUTPUT else (axis, None, None)
-        return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec))
+        axis = spec[0] if self.side == OUTPUT else spec[1]
+        return axis if isinstance(axis, str) else None
 
     def unfuse(self, kernel) -> list:
         """The inverse of fuse: the parts' kernels."""
@@ -141,9 +148,24 @@ def _fuse(kernels: list, features: int, segments: tuple[int, ...], num_groups: i
 
 
 @functools.lru_cache(maxsize=None)
-def _fuser(features: int, segments: tuple[int, ...], num_groups: int, side: str, target):
-    """One compiled fusion per layer shape and target sharding (blocks share them)."""
-    return jax.jit(lambda kernels: _fuse(kernels, features, segments, num_groups, side, jnp), out_shardings=target)
+def _fuser(features: int, segments: tuple[int, ...], num_groups: int, side: str):
+    """One compiled fusion per layer shape (blocks share them); XLA places the result."""
+    return jax.jit(lambda kernels: _fuse(kernels, features, segments, num_groups, side, jnp))
+
+
+@functools.lru_cache(maxsize=None)
+def _sharded_fuser(features: int, segments: tuple[int, ...], num_groups: int, side: str, mesh, axis: str):
+    """The fusion of parts split along their ungrouped side over `axis`: each device permutes the columns (rows) of
+    its own rows (columns), then the kernel is resharded from that side to the group axis."""
+    n = mesh.shape[axis]
+    local = functools.partial(_fuse, features=features // n, segments=segments, num_groups=num_groups, side=side,
+                              xp=jnp)
+    if side == OUTPUT:  # (in, out) split on in -> (in, G, C) split on in -> split on G
+        parts, fused, target = P(axis, None), P(axis, None, None), P(None, axis, None)
+    else:  # (in, out) split on out -> (G, C, out) split on out -> split on G
+        parts, fused, target = P(None, axis), P(None, None, axis), P(axis, None, None)
+    mapped = jax.shard_map(local, mesh=mesh, in_specs=(parts,), out_specs=fused)
+    return jax.jit(mapped, out_shardings=jax.sharding.NamedSharding(mesh, target))
 
 
 def grouped_layers(module) -> list[tuple[Path, GroupedLinear]]:
