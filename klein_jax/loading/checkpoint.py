@@ -127,8 +127,10 @@ def saved_shapes(path: str | os.PathLike) -> dict[Path, tuple[tuple[int, ...], n
     return {p: (tuple(m.shape), np.dtype(m.dtype)) for p, m in flatten(tree).items()}
 
 
-def check_shapes(path: str | os.PathLike, expected: Mapping[Path, tuple[tuple[int, ...], Any]]) -> None:
-    """Raises CheckpointError listing missing, unexpected and mis-shaped arrays of a saved component."""
+def check_shapes(path: str | os.PathLike,
+                 expected: Mapping[Path, tuple[tuple[int, ...], Any]]) -> dict[Path, tuple[tuple[int, ...], np.dtype]]:
+    """The saved shapes and dtypes (saved_shapes); raises CheckpointError listing missing, unexpected and mis-shaped
+    arrays of a saved component."""
     saved = saved_shapes(path)
     problems = [f"missing {_format(p)}" for p in expected if p not in saved]
     problems += [f"unexpected {_format(p)}" for p in saved if p not in expected]
@@ -137,6 +139,7 @@ def check_shapes(path: str | os.PathLike, expected: Mapping[Path, tuple[tuple[in
     if problems:
         shown = "; ".join(problems[:10]) + (f"; ... ({len(problems) - 10} more)" if len(problems) > 10 else "")
         raise CheckpointError(f"{path} does not fit the model ({len(problems)}): {shown}")
+    return saved
 
 
 # GB orbax reads at once while restoring (at least the largest array: orbax refuses to read more than it reserved).
@@ -162,8 +165,8 @@ def restore_params(path: str | os.PathLike, expected: Mapping[Path, tuple[tuple[
     import orbax.checkpoint as ocp
 
     path = pathlib.Path(path).absolute()
-    check_shapes(path, expected)
-    concurrent_gb = _restore_concurrent_gb([*saved_shapes(path).values(), *expected.values()])
+    saved = check_shapes(path, expected)
+    concurrent_gb = _restore_concurrent_gb([*saved.values(), *expected.values()])
     sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
     where = sharding.get if isinstance(sharding, Mapping) else lambda _: sharding
     target = nest({p: jax.ShapeDtypeStruct(s, d, sharding=where(p)) for p, (s, d) in expected.items()})

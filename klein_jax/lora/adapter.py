@@ -15,7 +15,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from klein_jax.lora.formats import Factors
+from klein_jax.lora.formats import Factors, fit_problems
 
 # diffusers' attn.to_out is a ModuleList (Linear, Dropout) in double-stream blocks: to_out.0 there, to_out here.
 _TO_OUT = re.compile(r"(transformer_blocks\.\d+\.attn\.to_out)\.0")
@@ -84,11 +84,6 @@ def build_adapter(name: str, modules: Mapping[str, Factors], metadata: Mapping |
             continue
         scaling = peft_scaling(module, rank, metadata)
         factors[path] = (np.ascontiguousarray(down.T, np.float32), np.ascontiguousarray((up * scaling).T, np.float32))
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} layers the transformer does not have: {', '.join(sorted(missing)[:10])}")
-    if bad:
-        problems.append(f"{len(bad)} shape mismatches: {'; '.join(bad[:10])}")
-    if problems:
+    if problems := fit_problems(missing, bad):
         raise ValueError(f"LoRA adapter {name!r} does not fit this transformer: " + "; ".join(problems))
     return LoraAdapter(name, factors, source)

@@ -64,6 +64,21 @@ _LORA_KEY = re.compile(r"(.+)\.(lora_A|lora_B|lora_down|lora_up)\.weight")
 _REFUSED = {"lora_magnitude_vector": "DoRA", "lora_B.bias": "LoRA bias (lora_bias=True)"}
 
 
+
+def first_ten(items: list[str]) -> str:
+    """The first ten items joined by "; ", then how many more there are."""
+    return "; ".join(items[:10]) + (f"; ... ({len(items) - 10} more)" if len(items) > 10 else "")
+
+
+def fit_problems(missing: list[str], bad: list[str]) -> list[str]:
+    """The parts of an adapter's does-not-fit error: the layers the transformer lacks and the shape mismatches."""
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} layers the transformer does not have: {', '.join(sorted(missing)[:10])}")
+    if bad:
+        problems.append(f"{len(bad)} shape mismatches: {'; '.join(bad[:10])}")
+    return problems
+
 def _rename(name: str, table) -> str | tuple[str, ...] | None:
     for pattern, target in table:
         if m := re.fullmatch(pattern, name):
@@ -153,8 +168,8 @@ def to_diffusers_modules(tensors: Mapping[str, np.ndarray]) -> tuple[dict[str, F
         unknown += [f"{m}.alpha" for m, p in modules.items() if "alpha" in p]
         out = {m: (p["down"], p["up"]) for m, p in modules.items()}
     if unknown:
-        shown = "; ".join(unknown[:10]) + (f"; ... ({len(unknown) - 10} more)" if len(unknown) > 10 else "")
-        raise ValueError(f"LoRA file ({layout} layout) has {len(unknown)} keys that fit no transformer layer: {shown}")
+        raise ValueError(f"LoRA file ({layout} layout) has {len(unknown)} keys that fit no transformer layer: "
+                         f"{first_ten(unknown)}")
     if not out:
         raise ValueError("LoRA file holds no LoRA factors (no lora_A/lora_B or lora_down/lora_up weights)")
     return out, layout

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from klein_jax.lora.adapter import _pattern_value, our_path
-from klein_jax.lora.formats import BFL_MODULES, _rename
+from klein_jax.lora.formats import BFL_MODULES, _rename, first_ten, fit_problems
 
 _SUFFIXES = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
 _KEY = re.compile(rf"(.+)\.({'|'.join(_SUFFIXES)}|alpha)")
@@ -139,8 +139,8 @@ def lokr_modules(tensors: Mapping[str, np.ndarray]) -> tuple[dict[str, Kron], st
         elif (factors := _kron_factors(name, parts, unknown)) is not None:
             out[target] = factors
     if unknown:
-        shown = "; ".join(unknown[:10]) + (f"; ... ({len(unknown) - 10} more)" if len(unknown) > 10 else "")
-        raise ValueError(f"LoKr file ({naming} naming) has {len(unknown)} keys that fit no transformer layer: {shown}")
+        raise ValueError(f"LoKr file ({naming} naming) has {len(unknown)} keys that fit no transformer layer: "
+                         f"{first_ten(unknown)}")
     if not out:
         raise ValueError("LoKr file holds no LoKr factors")
     return out, naming
@@ -190,12 +190,7 @@ def build_lokr_terms(modules: Mapping[str, Kron], metadata: Mapping | None,
         for path, start, stop in placed:
             terms.append(LokrTerm(path, (a, b, c, d), start, stop))
             factors.append((w1 * np.float32(scaling), w2))
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} layers the transformer does not have: {', '.join(sorted(missing)[:10])}")
-    if bad:
-        problems.append(f"{len(bad)} shape mismatches: {'; '.join(bad[:10])}")
-    if problems:
+    if problems := fit_problems(missing, bad):
         raise ValueError("; ".join(problems))
     return terms, factors
 
