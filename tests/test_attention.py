@@ -1,5 +1,5 @@
-"""Attention backends (klein_jax/models/attention.py): the Pallas splash kernel in interpret mode and cuDNN (GPU)
-against XLA attention, with key padding; backend choice and switching."""
+"""Attention backends (klein_jax/models/attention.py): the chunked CPU path, the Pallas splash kernel in interpret
+mode and cuDNN (GPU) against XLA attention, with key padding; backend choice and switching."""
 
 import jax
 import jax.numpy as jnp
@@ -11,8 +11,8 @@ from conftest import assert_close
 from klein_jax.configs import TINY_TRANSFORMER
 from klein_jax.loading.modules import random_module
 from klein_jax.models import attention
-from klein_jax.models.attention import (attention_implementation, check_attention, dot_product_attention,
-                                        pallas_attention, set_attention)
+from klein_jax.models.attention import (attention_implementation, check_attention, chunked_attention,
+                                        dot_product_attention, pallas_attention, set_attention)
 
 
 def _qkv(batch, q_len, kv_len, heads, head_dim, dtype, seed=0):
@@ -34,6 +34,48 @@ CASES = {
     "odd_lengths_padded": (2, 130, 300, 2, 32, (300, 131)),
     "tile_sized_no_mask": (1, 128, 128, 1, 16, None),
 }
+
+
+# (chunk, queries, keys, key lengths): 130 queries in chunks of at most 64 -> 3 chunks of 44 (2 padding rows);
+# keys longer than queries; one chunk; a row of a single key.
+CHUNKED_CASES = {
+    "three_chunks_padded_keys": (64, 130, 300, (300, 131)),
+    "one_chunk_no_mask": (512, 100, 100, None),
+    "exact_chunks_single_key": (32, 96, 96, (96, 1)),
+}
+
+
+@pytest.mark.parametrize("case", CHUNKED_CASES)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_chunked_matches_xla(case, dtype):
+    """The same ops as jax's XLA path one query chunk at a time: equal to it (float32 to 1e-6, bfloat16 to one
+    rounding step of the output), masks included."""
+    chunk, q_len, kv_len, lengths = CHUNKED_CASES[case]
+    q, k, v = _qkv(2, q_len, kv_len, 3, 16, dtype, seed=2)
+    lengths = None if lengths is None else jnp.asarray(lengths, jnp.int32)
+    got = jax.jit(lambda q, k, v, n: chunked_attention(q, k, v, n, chunk=chunk))(q, k, v, lengths)
+    want = jax.jit(lambda q, k, v, n: jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=n))(q, k, v,
+                                                                                                     lengths)
+    assert got.shape == want.shape and got.dtype == dtype
+    if dtype == jnp.float32:
+        assert_close(got, want, rel=1e-6, name=case)
+    else:
+        step = np.abs(np.asarray(want, np.float32)).max() * 2.0 ** -7
+        assert np.abs(np.asarray(got, np.float32) - np.asarray(want, np.float32)).max() <= step
+    if lengths is not None:  # the mask matters: attending every key gives a different answer
+        unmasked = chunked_attention(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), None,
+                                     chunk=chunk)
+        assert np.abs(np.asarray(unmasked) - np.asarray(want, np.float32)).max() > 1e-2
+
+
+def test_chunked_is_the_backend_of_dot_product_attention():
+    """implementation="chunked" runs chunked_attention; with an explicit mask it falls back to XLA."""
+    q, k, v = _qkv(1, 600, 600, 2, 16, jnp.float32, seed=3)
+    lengths = jnp.asarray([500], jnp.int32)
+    got = dot_product_attention(q, k, v, implementation="chunked", key_value_seq_lengths=lengths)
+    assert_close(got, chunked_attention(q, k, v, lengths), rel=1e-7, name="dispatch")
+    causal = dot_product_attention(q, k, v, implementation="chunked", is_causal=True)
+    assert_close(causal, jax.nn.dot_product_attention(q, k, v, is_causal=True), rel=1e-7, name="causal fallback")
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -88,6 +130,7 @@ def test_transformer_with_pallas_equals_xla():
         graphdef, state = nnx.split(module)
         return jax.jit(lambda s, x: nnx.merge(graphdef, s)(**x))(state, inputs)
 
+    set_attention(model, "xla", jnp.float32)  # this CPU's default is "chunked"
     want = run(model)
     switched = set_attention(model, "pallas", jnp.float32)
     assert switched == TINY_TRANSFORMER.num_layers + TINY_TRANSFORMER.num_single_layers
@@ -97,7 +140,8 @@ def test_transformer_with_pallas_equals_xla():
 
 
 def test_defaults_per_platform(monkeypatch):
-    assert attention_implementation(jnp.bfloat16) == "xla"  # this CPU
+    assert attention_implementation(jnp.bfloat16) == "chunked"  # this CPU
+    assert attention_implementation(jnp.float32, head_dim=512) == "chunked"
     monkeypatch.setattr(attention.jax, "default_backend", lambda: "gpu")
     assert attention_implementation(jnp.bfloat16, head_dim=128) == "cudnn"
     assert attention_implementation(jnp.float16) == "cudnn"
@@ -108,7 +152,7 @@ def test_defaults_per_platform(monkeypatch):
 
 
 def test_backend_errors(monkeypatch):
-    with pytest.raises(ValueError, match="is not one of xla, cudnn, pallas"):
+    with pytest.raises(ValueError, match="is not one of xla, chunked, cudnn, pallas"):
         check_attention("flash", jnp.bfloat16)
     with pytest.raises(ValueError, match="needs a GPU"):
         check_attention("cudnn", jnp.bfloat16)

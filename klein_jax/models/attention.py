@@ -1,4 +1,5 @@
-"""Softmax attention backends: XLA's reference, cuDNN flash attention (GPU) and a Pallas splash kernel (TPU).
+"""Softmax attention backends: XLA's reference, XLA in query chunks (CPU), cuDNN flash attention (GPU) and a Pallas
+splash kernel (TPU).
 
 Every backend computes the same function (torch SDPA's: scale 1/sqrt(Dh), softmax in fp32) on (B, S, H, Dh)
 tensors, with `key_value_seq_lengths` (B,) masking the keys past n[b] (klein pads text and references to buckets).
@@ -6,6 +7,10 @@ A module picks its backend when it is built (`attention_implementation`) or is s
 (`set_attention`); the backend name rides in the module as a static string, so each backend is its own program.
 
 - "xla": jax.nn.dot_product_attention's XLA path (materialises the (B, H, Sq, Skv) logits); every platform.
+- "chunked": the same computation (the same ops as jax's XLA path) in query chunks of at most CHUNK_QUERIES, one
+  chunk per loop iteration, so that a chunk's logits stay in the CPU's cache instead of streaming the whole
+  (B, H, Sq, Skv) array through memory several times; the default on CPU (2.7x faster than "xla" on the medium
+  benchmark's attention, docs/benchmarks.md). An explicit mask= or is_causal= falls back to "xla".
 - "cudnn": jax.nn.dot_product_attention(implementation="cudnn"), cuDNN flash attention: GPU, 16-bit compute,
   head dims of at most 128 (256 on Hopper) that are multiples of 8.
 - "pallas": JAX's Pallas splash attention for TPU (jax.experimental.pallas.ops.tpu.splash_attention), the key
@@ -23,7 +28,8 @@ from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("xla", "cudnn", "pallas")
+BACKENDS = ("xla", "chunked", "cudnn", "pallas")
+CHUNK_QUERIES = 512  # "chunked": 512 queries x 1536 keys of float32 logits per head is 3 MiB
 CUDNN_MAX_HEAD_DIM = 128  # the bound on every cuDNN-capable GPU (Hopper takes 256; jax checks at compile time)
 PALLAS_LANES = 128  # splash tiles are multiples of 128 positions: sequences are padded to one
 
@@ -33,10 +39,13 @@ def _is_16_bit(dtype) -> bool:
 
 
 def attention_implementation(dtype, head_dim: int | None = None) -> str:
-    """The default backend: cuDNN on GPU for 16-bit compute (and head dims it takes), XLA otherwise.
+    """The default backend: chunked XLA on CPU; cuDNN on GPU for 16-bit compute (and head dims it takes); XLA
+    otherwise.
 
-    TPU stays on XLA until the Pallas kernel has been measured there (docs/benchmarks.md); CPU is always XLA.
+    TPU stays on XLA until the Pallas kernel has been measured there (docs/benchmarks.md).
     """
+    if jax.default_backend() == "cpu":
+        return "chunked"
     fits = head_dim is None or (head_dim <= CUDNN_MAX_HEAD_DIM and head_dim % 8 == 0)
     return "cudnn" if jax.default_backend() == "gpu" and _is_16_bit(dtype) and fits else "xla"
 
@@ -84,9 +93,46 @@ def dot_product_attention(q, k, v, *, mask=None, is_causal: bool = False, implem
         if mask is not None or is_causal:
             raise ValueError("attention 'pallas' takes key_value_seq_lengths only, not mask= or is_causal=")
         return pallas_attention(q, k, v, key_value_seq_lengths)
-    xla_or_cudnn = None if implementation in (None, "xla") else implementation
+    if implementation == "chunked" and mask is None and not is_causal:
+        return chunked_attention(q, k, v, key_value_seq_lengths)
+    xla_or_cudnn = None if implementation in (None, "xla", "chunked") else implementation
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, implementation=xla_or_cudnn,
                                         key_value_seq_lengths=key_value_seq_lengths)
+
+
+def chunked_attention(q, k, v, key_value_seq_lengths=None, *, chunk: int = CHUNK_QUERIES):
+    """dot_product_attention one chunk of queries at a time; q (B, Sq, H, Dh), k and v (B, Skv, H, Dh).
+
+    Each chunk runs jax's XLA attention ops (logits in float32, scaled, masked with its large negative number,
+    softmax in float32, cast to the values' dtype, then the values), so the result equals the "xla" backend's. The
+    queries are split into n = ceil(Sq / chunk) equal chunks, padded by fewer than n rows (dropped at the end).
+    """
+    B, Sq, H, Dh = q.shape
+    Skv = k.shape[1]
+    n = -(-Sq // chunk)
+    size = -(-Sq // n)
+    queries = jnp.pad(q, ((0, 0), (0, n * size - Sq), (0, 0), (0, 0))).transpose(0, 2, 1, 3)  # (B, H, Sq', Dh)
+    queries = jnp.moveaxis(queries.reshape(B, H, n, size, Dh), 2, 0)  # (n, B, H, c, Dh)
+    keys, values = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # heads first: 1.5x faster dots on CPU
+    if key_value_seq_lengths is None:
+        valid = None
+    else:  # (B, 1, 1, Skv): the keys before n[b]
+        valid = (jnp.arange(Skv)[None, :] < key_value_seq_lengths[:, None])[:, None, None, :]
+    precision = {jnp.dtype(jnp.bfloat16): jax.lax.DotAlgorithmPreset.BF16_BF16_F32,
+                 jnp.dtype(jnp.float16): jax.lax.DotAlgorithmPreset.F16_F16_F32}.get(jnp.dtype(q.dtype))
+    logits_dtype = jnp.promote_types(q.dtype, jnp.float32)
+
+    def one_chunk(qc):  # (B, H, c, Dh) -> (B, H, c, Dh), as jax.nn.dot_product_attention's XLA path
+        logits = jnp.einsum("bhqd,bhkd->bhqk", qc, keys, precision=precision, preferred_element_type=logits_dtype)
+        logits = logits * jnp.asarray(Dh ** -0.5, logits.dtype)
+        if valid is not None:
+            logits = jnp.where(valid, logits, jnp.asarray(-0.7 * jnp.finfo(jnp.float32).max, logits.dtype))
+        probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(k.dtype)
+        return jnp.einsum("bhqk,bhkd->bhqd", probs, values)
+
+    out = jax.lax.map(one_chunk, queries) if n > 1 else one_chunk(queries[0])[None]  # (n, B, H, c, Dh)
+    out = jnp.moveaxis(out, 0, 2).reshape(B, H, n * size, Dh)[:, :, :Sq]
+    return out.transpose(0, 2, 1, 3)
 
 
 def _block(length: int) -> int:
