@@ -87,10 +87,9 @@ def available_bytes() -> int:
 
 def load(folder: pathlib.Path, mesh_text: str) -> dict:
     """Loads `folder` in a child process (8 CPU devices if a mesh is given); its figures."""
-    # glibc gives each thread that allocates its own heap arena, and freed read buffers stay in the arena that made
-    # them: with 8 device threads that alone held 0.5-1.2 GiB more at the peak (15.0-15.7 GiB instead of 14.5 for
-    # model=8). Two arenas for every load, one device too, so the rows compare the loads, not the allocator.
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "MALLOC_ARENA_MAX": os.environ.get("MALLOC_ARENA_MAX", "2")}
+    # The allocator as users run it (no MALLOC_ARENA_MAX): the loader hands freed buffers back itself
+    # (klein_jax/loading/host_memory.py).
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     if mesh_text:
         # 8 device threads on a few shared cores can reach a collective more than XLA's default 40 s apart
         env["XLA_FLAGS"] = (f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={DEVICES} "
@@ -145,7 +144,8 @@ def table(rows: list[dict]) -> str:
                      f"| **{r['peak_rss'] / GIB:.2f} GiB** | {(r['peak_rss'] - r['device_bytes']) / GIB:.2f} GiB "
                      f"| {r['load_s']:.0f} s | {r['load_average']} |")
     note = (f"klein-4B converted folder (random weights, real shapes, bfloat16), `load_components(..., mesh=)` in a "
-            f"child process on CPU ({DEVICES} fake devices for a mesh), MALLOC_ARENA_MAX=2; peak RSS = ru_maxrss. The machine was "
+            f"child process on CPU ({DEVICES} fake devices for a mesh), glibc's default allocator settings; peak RSS = "
+            f"ru_maxrss. The machine was "
             f"shared (load average after each load in the table): times are upper bounds. `python benchmarks/sharded_load_memory.py "
             f"--write`, {time.strftime('%Y-%m-%d')}.")
     return "\n".join(lines) + "\n\n" + textwrap.fill(note, width=116)

@@ -1,4 +1,5 @@
-"""klein_jax.loading.checkpoint.save_params streams: PendingArrays are read one at a time, just before their write."""
+"""klein_jax.loading.checkpoint: save_params streams (PendingArrays are read one at a time, just before their write);
+restore_params reads a group of arrays at a time."""
 
 import tracemalloc
 
@@ -63,3 +64,40 @@ def test_restore_reserves_room_for_the_largest_array():
     assert checkpoint._restore_concurrent_gb([((151936, 2560), np.dtype("bfloat16"))]) == 1
     assert checkpoint._restore_concurrent_gb([((151936, 4096), np.dtype("bfloat16"))]) == 2
     assert checkpoint._restore_concurrent_gb([((8, 8), np.float32), ((151936, 4096), np.float32)]) == 3
+
+
+def test_restore_in_groups_returns_every_array(tmp_path, monkeypatch):
+    """Restored a few arrays at a time (each group a partial orbax restore, freed memory handed back after it):
+    every array comes back with its own values, in the expected order, whatever the group size."""
+    from klein_jax.loading import checkpoint
+
+    raw = sources(5)
+    params = {("blocks", i, "kernel"): w for i, w in enumerate(raw)}
+    params[("norm", "scale")] = np.arange(4, dtype=np.float32)
+    save_params(tmp_path / "params", params)
+    expected = {path: (value.shape, jnp.float32) for path, value in params.items()}
+    trims = []
+    monkeypatch.setattr(checkpoint, "release_freed_memory", lambda: trims.append(1))
+    monkeypatch.setattr(checkpoint, "RESTORE_CONCURRENT_GB", 2.5 * raw[0].nbytes / 1e9)  # 2 arrays per group
+    assert [len(g) for g in checkpoint._groups(expected, checkpoint.RESTORE_CONCURRENT_GB * 1e9)] == [2, 2, 2]
+    restored = restore_params(tmp_path / "params", expected)
+    assert list(restored) == list(expected) and len(trims) == 3
+    for path, value in params.items():
+        np.testing.assert_array_equal(np.asarray(restored[path]), value)
+
+
+def test_groups_keep_order_and_put_a_large_array_alone():
+    from klein_jax.loading.checkpoint import _groups
+
+    expected = {("a",): ((10,), np.float32), ("b",): ((100,), np.float32), ("c",): ((5,), np.float32),
+                ("d",): ((5,), np.float32)}
+    assert _groups(expected, 200) == [[("a",)], [("b",)], [("c",), ("d",)]]  # 40 + 400 > 200: b starts a group
+    assert _groups(expected, 1e9) == [list(expected)]
+
+
+def test_release_freed_memory_runs_on_glibc():
+    import platform
+
+    from klein_jax.loading.host_memory import release_freed_memory
+
+    assert release_freed_memory() is (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")

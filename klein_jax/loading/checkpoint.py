@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from klein_jax.loading.host_memory import release_freed_memory
 from klein_jax.loading.keymap import Path
 from klein_jax.loading.modules import expected_params, fill_module
 from klein_jax.loading.safetensors import CheckpointError
@@ -154,12 +155,27 @@ def _restore_concurrent_gb(shapes) -> int:
     return max(RESTORE_CONCURRENT_GB, math.ceil(largest / 1e9))
 
 
+def _groups(expected: Mapping[Path, tuple[tuple[int, ...], Any]], limit: float) -> list[list[Path]]:
+    """The paths in order, cut into runs of at most `limit` bytes (an array larger than that alone)."""
+    groups, size = [[]], 0
+    for path, (shape, dtype) in expected.items():
+        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        if groups[-1] and size + nbytes > limit:
+            groups.append([])
+            size = 0
+        groups[-1].append(path)
+        size += nbytes
+    return [g for g in groups if g]
+
+
 def restore_params(path: str | os.PathLike, expected: Mapping[Path, tuple[tuple[int, ...], Any]],
                    *, sharding=None) -> dict[Path, Any]:
     """Reads the checkpoint at `path` into jax arrays of the `expected` shapes and dtypes (cast on read).
 
     sharding: one sharding for every array, or path -> sharding (klein_jax.sharding.param_shardings); each device
     reads only its own slice from disk. Default: the whole of every array on the first device.
+    The arrays are restored RESTORE_CONCURRENT_GB at a time, the freed read buffers handed back to the system after
+    each group (host_memory.release_freed_memory), so the host holds little more than the arrays it has placed.
     """
     import jax
     import orbax.checkpoint as ocp
@@ -169,11 +185,15 @@ def restore_params(path: str | os.PathLike, expected: Mapping[Path, tuple[tuple[
     concurrent_gb = _restore_concurrent_gb([*saved.values(), *expected.values()])
     sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
     where = sharding.get if isinstance(sharding, Mapping) else lambda _: sharding
-    target = nest({p: jax.ShapeDtypeStruct(s, d, sharding=where(p)) for p, (s, d) in expected.items()})
-    handler = ocp.StandardCheckpointHandler(restore_concurrent_gb=concurrent_gb)
-    with ocp.Checkpointer(handler) as checkpointer:
-        restored = checkpointer.restore(path, args=ocp.args.StandardRestore(target))
-    return flatten(restored)
+    restored = {}
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(restore_concurrent_gb=concurrent_gb)) as checkpointer:
+        for group in _groups(expected, RESTORE_CONCURRENT_GB * 1e9):
+            target = nest({p: jax.ShapeDtypeStruct(*expected[p], sharding=where(p)) for p in group})
+            args = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                          partial_restore=True)
+            restored.update(flatten(checkpointer.restore(path, args=args)))
+            release_freed_memory()
+    return {p: restored[p] for p in expected}
 
 
 def restore_module(path: str | os.PathLike, abstract_module, *, sharding=None):

@@ -18,6 +18,7 @@ from flax import nnx
 from klein_jax.configs import Variant
 from klein_jax import sharding
 from klein_jax.loading import checkpoint
+from klein_jax.loading.host_memory import release_freed_memory
 from klein_jax.loading.modules import COMPONENTS, abstract_module, dtype_name, expected_params, parse_dtype
 from klein_jax.loading.source import PARAMS_DIR, ConversionError, Source, open_source
 from klein_jax.loading.weights import check_component, load_component
@@ -55,10 +56,13 @@ def _load_module(source: Source, name: str, config: Any, dtype: Any, mesh):
     else:
         check_component(source, name, config, dtype)
         module = load_component(name, config, source.tensors(name), dtype, shardings=shardings)
+    release_freed_memory()  # the read buffers, before the next component's arrays are allocated
     if mesh is None:
         return module
     graphdef, state = nnx.split(module)  # fused projections (built from placed parts) onto their own table rows
-    return nnx.merge(graphdef, sharding.shard_state(state, name, mesh))
+    module = nnx.merge(graphdef, sharding.shard_state(state, name, mesh))
+    release_freed_memory()  # the fused layers' parts
+    return module
 
 
 def load_components(source: str | os.PathLike, dtype: Any = "bfloat16", *,

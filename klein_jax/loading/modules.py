@@ -22,6 +22,7 @@ from klein_jax.loading.keymap import KeyRule, Path
 from klein_jax.loading.keymaps.text_encoder import text_encoder_rules
 from klein_jax.loading.keymaps.transformer import transformer_rules
 from klein_jax.loading.keymaps.vae import vae_rules
+from klein_jax.loading.host_memory import release_freed_memory
 from klein_jax.models.fused import from_storage, storage_shapes, to_storage
 from klein_jax.models.text_encoder import Qwen3TextEncoder
 from klein_jax.models.transformer import Flux2Transformer
@@ -78,10 +79,10 @@ def fill_module(module, params: MutableMapping[Path, Any]):
     """`module` (usually abstract) with every variable set from `params` (path -> host or device array, the storage
     layout of expected_params; fused projections are fused here).
 
-    Values are cast to each variable's dtype; entries are popped as they are placed, so host copies are freed early.
-    A missing path is a KeyError naming it.
+    Values are cast to each variable's dtype; entries are popped as they are placed, so host copies are freed early
+    (and handed back to the system after each fused layer: host_memory). A missing path is a KeyError naming it.
     """
-    params = from_storage(module, params)
+    params = from_storage(module, params, after_each=release_freed_memory)
     graphdef, state = nnx.split(module)
     flat = nnx.to_flat_state(state)
     for path, variable in flat:

@@ -197,14 +197,18 @@ def storage_shapes(module, shapes: dict[Path, tuple]) -> dict[Path, tuple]:
     return _sorted(shapes) if layers else shapes
 
 
-def from_storage(module, params: MutableMapping[Path, object]) -> MutableMapping[Path, object]:
-    """Pops every grouped layer's parts' kernels from `params` and puts its grouped kernel in (fused at load)."""
+def from_storage(module, params: MutableMapping[Path, object],
+                 after_each: Callable[[], object] | None = None) -> MutableMapping[Path, object]:
+    """Pops every grouped layer's parts' kernels from `params` and puts its grouped kernel in (fused at load);
+    calls `after_each()` once each layer's parts are freed."""
     for path, layer in grouped_layers(module):
         parts = _storage_paths(path, layer)
         missing = [".".join(map(str, p)) for p in parts if p not in params]
         if missing:
             raise KeyError(f"no value for {', '.join(missing)}")
         params[(*path, "grouped_kernel")] = layer.fuse([params.pop(p) for p in parts])
+        if after_each is not None:
+            after_each()
     return params
 
 
