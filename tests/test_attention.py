@@ -68,14 +68,47 @@ def test_chunked_matches_xla(case, dtype):
         assert np.abs(np.asarray(unmasked) - np.asarray(want, np.float32)).max() > 1e-2
 
 
+@pytest.mark.parametrize("chunk", [512, 48])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_chunked_with_grouped_heads_and_a_causal_padding_mask(chunk, dtype):
+    """The text encoder's case: 4 query heads on 2 key/value heads, an explicit (B, 1, T, T) causal mask with padded
+    keys per row (a row of no valid key included), in one chunk and in 3 chunks (split with the queries)."""
+    B, T = 2, 130
+    rng = np.random.default_rng(4)
+    q = jnp.asarray(2 * rng.standard_normal((B, T, 4, 16)), dtype)
+    k, v = (jnp.asarray(2 * rng.standard_normal((B, T, 2, 16)), dtype) for _ in range(2))
+    valid_keys = jnp.arange(T)[None, :] < jnp.asarray([[T], [70]])  # (B, T)
+    mask = (jnp.tril(jnp.ones((T, T), bool))[None] & valid_keys[:, None, :])[:, None]  # (B, 1, T, T)
+    mask = mask.at[1, 0, 5].set(False)  # a query that sees no key
+    got = jax.jit(lambda q, k, v, m: chunked_attention(q, k, v, mask=m, chunk=chunk))(q, k, v, mask)
+    want = jax.jit(lambda q, k, v, m: jax.nn.dot_product_attention(q, k, v, mask=m))(q, k, v, mask)
+    assert got.shape == want.shape and got.dtype == dtype
+    if dtype == jnp.float32:
+        assert_close(got, want, rel=1e-6, name=f"chunk {chunk}")
+    else:
+        step = np.abs(np.asarray(want, np.float32)).max() * 2.0 ** -7
+        assert np.abs(np.asarray(got, np.float32) - np.asarray(want, np.float32)).max() <= step
+    # the mask and the head grouping matter: without the mask, or with kv heads repeated the other way, it differs
+    unmasked = jax.nn.dot_product_attention(q, k, v)
+    assert np.abs(np.asarray(unmasked, np.float32) - np.asarray(want, np.float32)).max() > 1e-2
+    tiled = jax.nn.dot_product_attention(q, jnp.tile(k, (1, 1, 2, 1)), jnp.tile(v, (1, 1, 2, 1)), mask=mask)
+    assert np.abs(np.asarray(tiled, np.float32) - np.asarray(want, np.float32)).max() > 1e-2
+
+
 def test_chunked_is_the_backend_of_dot_product_attention():
-    """implementation="chunked" runs chunked_attention; with an explicit mask it falls back to XLA."""
+    """implementation="chunked" runs chunked_attention (key lengths or an explicit mask); is_causal falls back to
+    XLA; a per-head mask is refused."""
     q, k, v = _qkv(1, 600, 600, 2, 16, jnp.float32, seed=3)
     lengths = jnp.asarray([500], jnp.int32)
     got = dot_product_attention(q, k, v, implementation="chunked", key_value_seq_lengths=lengths)
     assert_close(got, chunked_attention(q, k, v, lengths), rel=1e-7, name="dispatch")
+    mask = jnp.tril(jnp.ones((600, 600), bool))[None, None]
+    got = dot_product_attention(q, k, v, implementation="chunked", mask=mask)
+    assert_close(got, chunked_attention(q, k, v, mask=mask), rel=1e-7, name="dispatch with a mask")
     causal = dot_product_attention(q, k, v, implementation="chunked", is_causal=True)
     assert_close(causal, jax.nn.dot_product_attention(q, k, v, is_causal=True), rel=1e-7, name="causal fallback")
+    with pytest.raises(ValueError, match=r"takes a \(B, 1, Sq, Skv\) mask"):
+        chunked_attention(q, k, v, mask=jnp.ones((1, 2, 600, 600), bool))
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -7,10 +7,11 @@ A module picks its backend when it is built (`attention_implementation`) or is s
 (`set_attention`); the backend name rides in the module as a static string, so each backend is its own program.
 
 - "xla": jax.nn.dot_product_attention's XLA path (materialises the (B, H, Sq, Skv) logits); every platform.
-- "chunked": the same computation (jax's XLA ops; float32 normalised after the values) in query chunks of at most CHUNK_QUERIES, one
-  chunk per loop iteration, so that a chunk's logits stay in the CPU's cache instead of streaming the whole
+- "chunked": the same computation (jax's XLA ops; float32 normalised after the values) in query chunks of at most
+  CHUNK_QUERIES, one chunk per loop iteration, so that a chunk's logits stay in the CPU's cache instead of streaming the whole
   (B, H, Sq, Skv) array through memory several times; the default on CPU (2.7x faster than "xla" on the medium
-  benchmark's attention, docs/benchmarks.md). An explicit mask= or is_causal= falls back to "xla".
+  benchmark's attention, docs/benchmarks.md). Takes a (B, 1, Sq, Skv) mask= (the text encoder's); is_causal=
+  falls back to "xla".
 - "cudnn": jax.nn.dot_product_attention(implementation="cudnn"), cuDNN flash attention: GPU, 16-bit compute,
   head dims of at most 128 (256 on Hopper) that are multiples of 8.
 - "pallas": JAX's Pallas splash attention for TPU (jax.experimental.pallas.ops.tpu.splash_attention), the key
@@ -93,51 +94,67 @@ def dot_product_attention(q, k, v, *, mask=None, is_causal: bool = False, implem
         if mask is not None or is_causal:
             raise ValueError("attention 'pallas' takes key_value_seq_lengths only, not mask= or is_causal=")
         return pallas_attention(q, k, v, key_value_seq_lengths)
-    if implementation == "chunked" and mask is None and not is_causal:
-        return chunked_attention(q, k, v, key_value_seq_lengths)
+    if implementation == "chunked" and not is_causal:
+        return chunked_attention(q, k, v, key_value_seq_lengths, mask=mask)
     xla_or_cudnn = None if implementation in (None, "xla", "chunked") else implementation
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, implementation=xla_or_cudnn,
                                         key_value_seq_lengths=key_value_seq_lengths)
 
 
-def chunked_attention(q, k, v, key_value_seq_lengths=None, *, chunk: int = CHUNK_QUERIES):
-    """dot_product_attention one chunk of queries at a time; q (B, Sq, H, Dh), k and v (B, Skv, H, Dh).
+def chunked_attention(q, k, v, key_value_seq_lengths=None, *, mask=None, chunk: int = CHUNK_QUERIES):
+    """dot_product_attention one chunk of queries at a time; q (B, Sq, H, Dh), k and v (B, Skv, K, Dh) with K
+    dividing H (query head n reads key/value head n // (H / K), as jax and transformers' repeat_kv).
 
-    Each chunk runs jax's XLA attention ops (logits in float32, scaled, masked with its large negative number,
-    softmax in float32, cast to the values' dtype, then the values), except that float32 attention divides by the
-    softmax's sum after multiplying the values (flash attention's order; one pass less over the logits, 14 % off the
-    medium transformer's forward): 16-bit results equal the "xla" backend's, float32 ones to a few 1e-7. The
-    queries are split into n = ceil(Sq / chunk) equal chunks, padded by fewer than n rows (dropped at the end).
+    mask: an optional boolean (B or 1, 1, Sq, Skv) of the keys each query may attend (the text encoder's causal and
+    padding mask); key_value_seq_lengths (B,) masks the keys past n[b]. Each chunk runs jax's XLA attention ops
+    (logits in float32, scaled, masked with its large negative number, softmax in float32, cast to the values' dtype,
+    then the values), except that float32 attention divides by the softmax's sum after multiplying the values (flash
+    attention's order; one pass less over the logits, 14 % off the medium transformer's forward): 16-bit results
+    equal the "xla" backend's, float32 ones to a few 1e-7. The queries are split into n = ceil(Sq / chunk) equal
+    chunks, padded by fewer than n rows (dropped at the end).
     """
     B, Sq, H, Dh = q.shape
-    Skv = k.shape[1]
+    Skv, K = k.shape[1], k.shape[2]
+    G = H // K
     n = -(-Sq // chunk)
     size = -(-Sq // n)
     queries = jnp.pad(q, ((0, 0), (0, n * size - Sq), (0, 0), (0, 0))).transpose(0, 2, 1, 3)  # (B, H, Sq', Dh)
-    queries = jnp.moveaxis(queries.reshape(B, H, n, size, Dh), 2, 0)  # (n, B, H, c, Dh)
-    keys, values = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # heads first: 1.5x faster dots on CPU
-    if key_value_seq_lengths is None:
-        valid = None
-    else:  # (B, 1, 1, Skv): the keys before n[b]
-        valid = (jnp.arange(Skv)[None, :] < key_value_seq_lengths[:, None])[:, None, None, :]
+    queries = jnp.moveaxis(queries.reshape(B, K, G, n, size, Dh), 3, 0)  # (n, B, K, G, c, Dh)
+    keys, values = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (B, K, Skv, Dh): heads first, faster on CPU
+    valid = jnp.ones((1, 1, 1, Skv), bool)
+    if key_value_seq_lengths is not None:  # (B, 1, 1, Skv): the keys before n[b]
+        valid = valid & (jnp.arange(Skv)[None, :] < key_value_seq_lengths[:, None])[:, None, None, :]
+    if mask is not None:
+        if mask.ndim != 4 or mask.shape[1] != 1:
+            raise ValueError(f"attention 'chunked' takes a (B, 1, Sq, Skv) mask; got shape {mask.shape}")
+        valid = valid & mask
+    valid = jnp.pad(valid, ((0, 0), (0, 0), (0, n * size - valid.shape[2] if valid.shape[2] > 1 else 0), (0, 0)))
+    by_chunk = valid.shape[2] > 1  # a per-query mask is split with the queries
+    valid = jnp.moveaxis(valid.reshape(valid.shape[0], 1, n, size, Skv), 2, 0) if by_chunk else valid
+    masked = mask is not None or key_value_seq_lengths is not None
     precision = {jnp.dtype(jnp.bfloat16): jax.lax.DotAlgorithmPreset.BF16_BF16_F32,
                  jnp.dtype(jnp.float16): jax.lax.DotAlgorithmPreset.F16_F16_F32}.get(jnp.dtype(q.dtype))
     logits_dtype = jnp.promote_types(q.dtype, jnp.float32)
 
-    def one_chunk(qc):  # (B, H, c, Dh) -> (B, H, c, Dh), as jax.nn.dot_product_attention's XLA path
-        logits = jnp.einsum("bhqd,bhkd->bhqk", qc, keys, precision=precision, preferred_element_type=logits_dtype)
+    def one_chunk(qc, keep):  # (B, K, G, c, Dh) -> the same, as jax.nn.dot_product_attention's XLA path
+        logits = jnp.einsum("bkgqd,bksd->bkgqs", qc, keys, precision=precision, preferred_element_type=logits_dtype)
         logits = logits * jnp.asarray(Dh ** -0.5, logits.dtype)
-        if valid is not None:
-            logits = jnp.where(valid, logits, jnp.asarray(-0.7 * jnp.finfo(jnp.float32).max, logits.dtype))
+        if masked:  # keep: (B or 1, 1, c or 1, Skv) -> over (B, K, G, c, Skv)
+            logits = jnp.where(keep[:, :, None], logits, jnp.asarray(-0.7 * jnp.finfo(jnp.float32).max, logits.dtype))
         logits = logits.astype(jnp.float32)
         if k.dtype == jnp.float32:  # normalised after the values (one pass less over the logits), as flash does
             weights = jnp.exp(logits - logits.max(-1, keepdims=True))
-            return jnp.einsum("bhqk,bhkd->bhqd", weights, values) / weights.sum(-1, keepdims=True)
+            return jnp.einsum("bkgqs,bksd->bkgqd", weights, values) / weights.sum(-1, keepdims=True)
         probs = jax.nn.softmax(logits, axis=-1).astype(k.dtype)
-        return jnp.einsum("bhqk,bhkd->bhqd", probs, values)
+        return jnp.einsum("bkgqs,bksd->bkgqd", probs, values)
 
-    out = jax.lax.map(one_chunk, queries) if n > 1 else one_chunk(queries[0])[None]  # (n, B, H, c, Dh)
-    out = jnp.moveaxis(out, 0, 2).reshape(B, H, n * size, Dh)[:, :, :Sq]
+    if n == 1:
+        out = one_chunk(queries[0], valid[0] if by_chunk else valid)[None]
+    elif by_chunk:
+        out = jax.lax.map(lambda xs: one_chunk(*xs), (queries, valid))
+    else:
+        out = jax.lax.map(lambda qc: one_chunk(qc, valid), queries)  # (n, B, K, G, c, Dh)
+    out = jnp.moveaxis(out, 0, 3).reshape(B, H, n * size, Dh)[:, :, :Sq]
     return out.transpose(0, 2, 1, 3)
 
 

@@ -13,7 +13,7 @@ import numpy as np
 from flax import nnx
 
 from klein_jax.configs import TextEncoderConfig
-from klein_jax.models.layers import RMSNorm, dot_product_attention, rms_normalize
+from klein_jax.models.layers import RMSNorm, attention_implementation, dot_product_attention, rms_normalize
 
 
 def rope_cos_sin(num_tokens: int, head_dim: int, theta: float, dtype) -> tuple[jax.Array, jax.Array]:
@@ -61,6 +61,8 @@ class Qwen3Attention(nnx.Module):
         D, H, K, Dh = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
         linear = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.num_heads, self.num_kv_heads, self.head_dim = H, K, Dh
+        # the explicit mask takes XLA's path, or its chunked form on CPU (cuDNN and Pallas take lengths only)
+        self.mask_attention = "chunked" if attention_implementation(dtype) == "chunked" else "xla"
         self.q_proj = nnx.Linear(D, H * Dh, **linear)
         self.k_proj = nnx.Linear(D, K * Dh, **linear)
         self.v_proj = nnx.Linear(D, K * Dh, **linear)
@@ -74,9 +76,9 @@ class Qwen3Attention(nnx.Module):
         k = self.k_norm(self.k_proj(x).reshape(B, T, self.num_kv_heads, self.head_dim))  # (B, T, K, Dh)
         v = self.v_proj(x).reshape(B, T, self.num_kv_heads, self.head_dim)  # (B, T, K, Dh)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        # XLA attention with the explicit mask: any 0/1 attention_mask is honoured exactly (cuDNN takes only
-        # lengths); query head n reads kv head n // (H // K), as transformers' repeat_kv.
-        out = dot_product_attention(q, k, v, mask=mask, implementation=None)  # (B, T, H, Dh)
+        # The explicit mask: any 0/1 attention_mask is honoured exactly; query head n reads kv head n // (H // K),
+        # as transformers' repeat_kv.
+        out = dot_product_attention(q, k, v, mask=mask, implementation=self.mask_attention)  # (B, T, H, Dh)
         # A query that sees no key gives 0, as torch SDPA does (only reachable with left padding or empty rows).
         out = jnp.where(mask.any(axis=-1)[:, 0, :, None, None], out, jnp.zeros((), out.dtype))
         return self.o_proj(out.reshape(B, T, self.num_heads * self.head_dim))  # (B, T, H, Dh) -> (B, T, H*Dh)
