@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from klein_jax.loading.host_memory import release_freed_memory
-from klein_jax.loading.keymap import Path
+from klein_jax.loading.keymap import Path, first_ten
 from klein_jax.loading.modules import expected_params, fill_module
 from klein_jax.loading.safetensors import CheckpointError
 
@@ -138,8 +138,7 @@ def check_shapes(path: str | os.PathLike,
     problems += [f"{_format(p)}: saved shape {list(saved[p][0])}, model expects {list(s)}"
                  for p, (s, _) in expected.items() if p in saved and tuple(saved[p][0]) != tuple(s)]
     if problems:
-        shown = "; ".join(problems[:10]) + (f"; ... ({len(problems) - 10} more)" if len(problems) > 10 else "")
-        raise CheckpointError(f"{path} does not fit the model ({len(problems)}): {shown}")
+        raise CheckpointError(f"{path} does not fit the model ({len(problems)}): {first_ten(problems)}")
     return saved
 
 

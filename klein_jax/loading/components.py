@@ -56,7 +56,7 @@ def _load_module(source: Source, name: str, config: Any, dtype: Any, mesh):
     else:
         check_component(source, name, config, dtype)
         module = load_component(name, config, source.tensors(name), dtype, shardings=shardings)
-    release_freed_memory()  # the read buffers, before the next component's arrays are allocated
+        release_freed_memory()  # the read buffers (restore_params and fill_module trim as they go)
     if mesh is None:
         return module
     graphdef, state = nnx.split(module)  # fused projections (built from placed parts) onto their own table rows

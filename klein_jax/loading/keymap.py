@@ -58,9 +58,13 @@ def _format(path: Path) -> str:
     return ".".join(str(p) for p in path)
 
 
+def first_ten(items: list[str]) -> str:
+    """The first ten items joined by "; ", then how many more there are (for errors that list keys)."""
+    return "; ".join(items[:10]) + (f"; ... ({len(items) - 10} more)" if len(items) > 10 else "")
+
+
 def _raise(kind: str, items: list[str]) -> None:
-    shown = "; ".join(items[:10]) + (f"; ... ({len(items) - 10} more)" if len(items) > 10 else "")
-    raise WeightMappingError(f"{kind} ({len(items)}): {shown}")
+    raise WeightMappingError(f"{kind} ({len(items)}): {first_ten(items)}")
 
 
 def map_weights(

@@ -22,6 +22,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from klein_jax.loading.keymap import first_ten
+
 log = logging.getLogger(__name__)
 
 Factors = tuple[np.ndarray, np.ndarray]  # (lora_A (r, in), lora_B (out, r)): torch layout
@@ -64,12 +66,6 @@ _LORA_KEY = re.compile(r"(.+)\.(lora_A|lora_B|lora_down|lora_up)\.weight")
 _REFUSED = {"lora_magnitude_vector": "DoRA", "lora_B.bias": "LoRA bias (lora_bias=True)"}
 
 
-
-def first_ten(items: list[str]) -> str:
-    """The first ten items joined by "; ", then how many more there are."""
-    return "; ".join(items[:10]) + (f"; ... ({len(items) - 10} more)" if len(items) > 10 else "")
-
-
 def fit_problems(missing: list[str], bad: list[str]) -> list[str]:
     """The parts of an adapter's does-not-fit error: the layers the transformer lacks and the shape mismatches."""
     problems = []
@@ -78,6 +74,7 @@ def fit_problems(missing: list[str], bad: list[str]) -> list[str]:
     if bad:
         problems.append(f"{len(bad)} shape mismatches: {'; '.join(bad[:10])}")
     return problems
+
 
 def _rename(name: str, table) -> str | tuple[str, ...] | None:
     for pattern, target in table:

@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from klein_jax.lora.adapter import _pattern_value, our_path
-from klein_jax.lora.formats import BFL_MODULES, _rename, first_ten, fit_problems
+from klein_jax.loading.keymap import first_ten
+from klein_jax.lora.formats import BFL_MODULES, _rename, fit_problems
 
 _SUFFIXES = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
 _KEY = re.compile(rf"(.+)\.({'|'.join(_SUFFIXES)}|alpha)")

@@ -8,10 +8,10 @@ A module picks its backend when it is built (`attention_implementation`) or is s
 
 - "xla": jax.nn.dot_product_attention's XLA path (materialises the (B, H, Sq, Skv) logits); every platform.
 - "chunked": the same computation (jax's XLA ops; float32 normalised after the values) in query chunks of at most
-  CHUNK_QUERIES, one chunk per loop iteration, so that a chunk's logits stay in the CPU's cache instead of streaming the whole
-  (B, H, Sq, Skv) array through memory several times; the default on CPU (2.7x faster than "xla" on the medium
-  benchmark's attention, docs/benchmarks.md). Takes a (B, 1, Sq, Skv) mask= (the text encoder's); is_causal=
-  falls back to "xla".
+  CHUNK_QUERIES, one chunk per loop iteration, so that a chunk's logits stay in the CPU's cache instead of
+  streaming the whole (B, H, Sq, Skv) array through memory several times; the default on CPU (2.7x faster than
+  "xla" on the medium benchmark's attention, docs/benchmarks.md). Takes a (B, 1, Sq, Skv) mask= (the text
+  encoder's); is_causal= falls back to "xla".
 - "cudnn": jax.nn.dot_product_attention(implementation="cudnn"), cuDNN flash attention: GPU, 16-bit compute,
   head dims of at most 128 (256 on Hopper) that are multiples of 8.
 - "pallas": JAX's Pallas splash attention for TPU (jax.experimental.pallas.ops.tpu.splash_attention), the key
@@ -121,17 +121,17 @@ def chunked_attention(q, k, v, key_value_seq_lengths=None, *, mask=None, chunk: 
     queries = jnp.pad(q, ((0, 0), (0, n * size - Sq), (0, 0), (0, 0))).transpose(0, 2, 1, 3)  # (B, H, Sq', Dh)
     queries = jnp.moveaxis(queries.reshape(B, K, G, n, size, Dh), 3, 0)  # (n, B, K, G, c, Dh)
     keys, values = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (B, K, Skv, Dh): heads first, faster on CPU
-    valid = jnp.ones((1, 1, 1, Skv), bool)
-    if key_value_seq_lengths is not None:  # (B, 1, 1, Skv): the keys before n[b]
-        valid = valid & (jnp.arange(Skv)[None, :] < key_value_seq_lengths[:, None])[:, None, None, :]
+    valid = None  # (B or 1, 1, 1 or Sq, Skv): the keys each query may attend
+    if key_value_seq_lengths is not None:  # the keys before n[b]
+        valid = (jnp.arange(Skv)[None, :] < key_value_seq_lengths[:, None])[:, None, None, :]
     if mask is not None:
         if mask.ndim != 4 or mask.shape[1] != 1:
             raise ValueError(f"attention 'chunked' takes a (B, 1, Sq, Skv) mask; got shape {mask.shape}")
-        valid = valid & mask
-    valid = jnp.pad(valid, ((0, 0), (0, 0), (0, n * size - valid.shape[2] if valid.shape[2] > 1 else 0), (0, 0)))
-    by_chunk = valid.shape[2] > 1  # a per-query mask is split with the queries
-    valid = jnp.moveaxis(valid.reshape(valid.shape[0], 1, n, size, Skv), 2, 0) if by_chunk else valid
-    masked = mask is not None or key_value_seq_lengths is not None
+        valid = mask if valid is None else valid & mask
+    per_query = None  # a mask that differs per query, split into chunks with the queries: (n, B or 1, 1, c, Skv)
+    if valid is not None and valid.shape[2] > 1:
+        per_query = jnp.pad(valid, ((0, 0), (0, 0), (0, n * size - Sq), (0, 0)))
+        per_query = jnp.moveaxis(per_query.reshape(valid.shape[0], 1, n, size, Skv), 2, 0)
     precision = {jnp.dtype(jnp.bfloat16): jax.lax.DotAlgorithmPreset.BF16_BF16_F32,
                  jnp.dtype(jnp.float16): jax.lax.DotAlgorithmPreset.F16_F16_F32}.get(jnp.dtype(q.dtype))
     logits_dtype = jnp.promote_types(q.dtype, jnp.float32)
@@ -139,7 +139,7 @@ def chunked_attention(q, k, v, key_value_seq_lengths=None, *, mask=None, chunk: 
     def one_chunk(qc, keep):  # (B, K, G, c, Dh) -> the same, as jax.nn.dot_product_attention's XLA path
         logits = jnp.einsum("bkgqd,bksd->bkgqs", qc, keys, precision=precision, preferred_element_type=logits_dtype)
         logits = logits * jnp.asarray(Dh ** -0.5, logits.dtype)
-        if masked:  # keep: (B or 1, 1, c or 1, Skv) -> over (B, K, G, c, Skv)
+        if keep is not None:  # (B or 1, 1, c or 1, Skv) -> over (B, K, G, c, Skv)
             logits = jnp.where(keep[:, :, None], logits, jnp.asarray(-0.7 * jnp.finfo(jnp.float32).max, logits.dtype))
         logits = logits.astype(jnp.float32)
         if k.dtype == jnp.float32:  # normalised after the values (one pass less over the logits), as flash does
@@ -148,12 +148,14 @@ def chunked_attention(q, k, v, key_value_seq_lengths=None, *, mask=None, chunk: 
         probs = jax.nn.softmax(logits, axis=-1).astype(k.dtype)
         return jnp.einsum("bkgqs,bksd->bkgqd", probs, values)
 
+    def step(xs):  # one chunk of queries and, if any, its rows of the mask
+        qc, rows = xs
+        return one_chunk(qc, valid if rows is None else rows)
+
     if n == 1:
-        out = one_chunk(queries[0], valid[0] if by_chunk else valid)[None]
-    elif by_chunk:
-        out = jax.lax.map(lambda xs: one_chunk(*xs), (queries, valid))
+        out = step((queries[0], None if per_query is None else per_query[0]))[None]
     else:
-        out = jax.lax.map(lambda qc: one_chunk(qc, valid), queries)  # (n, B, K, G, c, Dh)
+        out = jax.lax.map(step, (queries, per_query))  # (n, B, K, G, c, Dh)
     out = jnp.moveaxis(out, 0, 3).reshape(B, H, n * size, Dh)[:, :, :Sq]
     return out.transpose(0, 2, 1, 3)
 
