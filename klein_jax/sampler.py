@@ -208,18 +208,27 @@ def _reference_tokens(inputs: dict) -> jax.Array:
     return jnp.take(slots, inputs["ref_index"], axis=1)  # (B, 4S, C) -> (B, R, C)
 
 
-def _velocity(transformer, latents: jax.Array, step: jax.Array, inputs: dict, plan: GeneratePlan) -> jax.Array:
-    """The (guided) velocity (B, L, C) of the target tokens at step `step`, as Flux2KleinPipeline's loop body."""
+def _image_ids(inputs: dict, plan: GeneratePlan) -> jax.Array:
+    """Position ids (L [+ R], 4) of the image tokens the transformer runs: the target's, then the references' unless
+    they ride as cached keys and values."""
+    if plan.ref_tokens and not _caches_references(plan):
+        return jnp.concatenate([inputs["target_ids"], inputs["ref_ids"]], axis=0)  # (L + R, 4)
+    return inputs["target_ids"]
+
+
+def _velocity(transformer, latents: jax.Array, step: jax.Array, inputs: dict, plan: GeneratePlan,
+              rope: tuple[jax.Array, jax.Array]) -> jax.Array:
+    """The (guided) velocity (B, L, C) of the target tokens at step `step`, as Flux2KleinPipeline's loop body;
+    rope: the joint sequence's cos/sin tables (transformer.rope of the text's and _image_ids' positions)."""
     B, L, _ = latents.shape
     T = inputs["text_embeds"].shape[1]
-    x, img_ids, kv_lengths, cached_kv = latents, inputs["target_ids"], None, None
+    x, kv_lengths, cached_kv = latents, None, None
     if _caches_references(plan):  # klein-9B KV: the references only as cached keys and values, after the sequence
         cached_kv = inputs["ref_kv"]
         kv_lengths = jnp.full((B,), T + L, jnp.int32) + inputs["ref_count"]  # padding at the end is not a key
     elif plan.ref_tokens:
         refs = _reference_tokens(inputs).astype(latents.dtype)
         x = jnp.concatenate([latents, refs], axis=1)  # (B, L + R, C): target first, then references
-        img_ids = jnp.concatenate([img_ids, inputs["ref_ids"]], axis=0)  # (L + R, 4)
         kv_lengths = jnp.full((B,), T + L, jnp.int32) + inputs["ref_count"]  # padding at the end is not a key
     x = x.astype(transformer.dtype)
     # diffusers: timestep = t.expand(B).to(latents.dtype); the model gets timestep / 1000 and scales it back.
@@ -230,8 +239,8 @@ def _velocity(transformer, latents: jax.Array, step: jax.Array, inputs: dict, pl
         x, sigma, text = (jnp.concatenate([a, a]) for a in (x, sigma, text))
         text = text.at[B:].set(negative)
         kv_lengths = None if kv_lengths is None else jnp.concatenate([kv_lengths, kv_lengths])
-    velocity = transformer(x, text, sigma, img_ids, inputs["text_ids"], kv_lengths=kv_lengths,
-                           cached_kv=cached_kv)[:, :L]
+    velocity = transformer(x, text, sigma, _image_ids(inputs, plan), inputs["text_ids"], kv_lengths=kv_lengths,
+                           cached_kv=cached_kv, rope=rope)[:, :L]
     if plan.guidance:
         cond, uncond = velocity[:B], velocity[B:]
         velocity = _guide(cond, uncond, inputs["guidance_scale"])
@@ -249,9 +258,18 @@ def _guide(cond: jax.Array, uncond: jax.Array, scale: jax.Array) -> jax.Array:
     return (uncond.astype(jnp.float32) + round_to_dtype(scale * diff, dtype)).astype(dtype)
 
 
-def _step(transformer, latents: jax.Array, step: jax.Array, inputs: dict, plan: GeneratePlan) -> jax.Array:
-    velocity = _velocity(transformer, latents, step, inputs, plan)
-    return euler_step(latents, velocity, inputs["sigmas"][step], inputs["sigmas"][step + 1])
+def _denoise(transformer, latents: jax.Array, first, last, inputs: dict, plan: GeneratePlan) -> jax.Array:
+    """Euler steps first..last-1 (a lax.fori_loop). The rotary tables are computed once, before the loop: inside it
+    they are loop operands, read from memory; computed in the step, XLA fused their cos/sin into every block's q
+    and k rotation (per head), a fifth of a medium CPU step's time. A single step (the stepwise program) keeps the
+    loop, with traced bounds, so that it runs the same code."""
+    rope = transformer.rope(_image_ids(inputs, plan), inputs["text_ids"])
+
+    def step(i, x):
+        velocity = _velocity(transformer, x, i, inputs, plan, rope)
+        return euler_step(x, velocity, inputs["sigmas"][i], inputs["sigmas"][i + 1])
+
+    return jax.lax.fori_loop(first, last, step, latents)
 
 
 def _decode(vae, latents: jax.Array, grid: tuple[int, int]) -> jax.Array:
@@ -290,12 +308,12 @@ def _generate(states, inputs, *, graphs: _Graphs, plan: GeneratePlan):
     if _caches_references(plan):
         inputs = {**inputs, "ref_kv": _reference_kv(transformer, inputs)}
     latents = _initial_latents(inputs, plan, transformer.config.in_channels, inputs["text_embeds"].dtype)
-    latents = jax.lax.fori_loop(0, plan.steps, lambda i, x: _step(transformer, x, i, inputs, plan), latents)
+    latents = _denoise(transformer, latents, 0, plan.steps, inputs, plan)
     return _decode(vae, latents, plan.grid)
 
 
 def _generate_step(state, latents, step, inputs, *, graphs: _Graphs, plan: GeneratePlan):
-    return _step(_transformer(graphs, state, inputs, plan), latents, step, inputs, plan)
+    return _denoise(_transformer(graphs, state, inputs, plan), latents, step, step + 1, inputs, plan)
 
 
 def _kv_cache_inputs(inputs: dict) -> dict:

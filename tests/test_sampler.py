@@ -33,7 +33,7 @@ class _EchoTransformer:
     def __init__(self, dtype):
         self.dtype = jnp.dtype(dtype)
 
-    def __call__(self, x, text, sigma, img_ids, text_ids, kv_lengths=None, cached_kv=None):
+    def __call__(self, x, text, sigma, img_ids, text_ids, kv_lengths=None, cached_kv=None, rope=None):
         return text[:, : x.shape[1], : x.shape[2]]  # (2B, T, C) -> (2B, L, C)
 
 
@@ -52,7 +52,7 @@ def test_guidance_is_diffusers_python_float_scale(dtype):
     inputs = dict(text_embeds=jnp.asarray(cond.float().numpy(), dtype), text_ids=text_ids(L),
                   negative_embeds=jnp.asarray(uncond.float().numpy(), dtype), target_ids=latent_ids(rows, cols),
                   timesteps=np.float32([1000.0]), guidance_scale=np.float32(4.2))
-    velocity = jax.jit(lambda x, inputs: _velocity(_EchoTransformer(dtype), x, 0, inputs, plan))(
+    velocity = jax.jit(lambda x, inputs: _velocity(_EchoTransformer(dtype), x, 0, inputs, plan, rope=None))(
         jnp.zeros((B, L, C), dtype), inputs)
     assert velocity.dtype == jnp.dtype(dtype)
     if dtype == "bfloat16":

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 BACKENDS = ("xla", "chunked", "cudnn", "pallas")
 CHUNK_QUERIES = 512  # "chunked": 512 queries x 1536 keys of float32 logits per head is 3 MiB
 CUDNN_MAX_HEAD_DIM = 128  # the bound on every cuDNN-capable GPU (Hopper takes 256; jax checks at compile time)
+FILL = -0.7 * float(jnp.finfo(jnp.float32).max)  # the logit of a masked key, jax's XLA attention's
 PALLAS_LANES = 128  # splash tiles are multiples of 128 positions: sequences are padded to one
 
 
@@ -106,21 +107,23 @@ def chunked_attention(q, k, v, key_value_seq_lengths=None, *, mask=None, chunk: 
     dividing H (query head n reads key/value head n // (H / K), as jax and transformers' repeat_kv).
 
     mask: an optional boolean (B or 1, 1, Sq, Skv) of the keys each query may attend (the text encoder's causal and
-    padding mask); key_value_seq_lengths (B,) masks the keys past n[b]. Each chunk runs jax's XLA attention ops
-    (logits in float32, scaled, masked with its large negative number, softmax in float32, cast to the values' dtype,
-    then the values), except that float32 attention divides by the softmax's sum after multiplying the values (flash
-    attention's order; one pass less over the logits, 14 % off the medium transformer's forward): 16-bit results
-    equal the "xla" backend's, float32 ones to a few 1e-7. The queries are split into n = ceil(Sq / chunk) equal
-    chunks, padded by fewer than n rows (dropped at the end).
+    padding mask); key_value_seq_lengths (B,) masks the keys past n[b]. 16-bit attention runs jax's XLA attention
+    ops (logits in float32, scaled, masked with its large negative number, softmax in float32, cast to the values'
+    dtype, then the values) and equals the "xla" backend. Float32 attention runs in flash attention's order: the
+    scale applied inside the exponential and the softmax's sum divided after the values, two passes less over each
+    chunk's logits (within a few 1e-7 of "xla"). The queries are split into n = ceil(Sq / chunk) equal chunks,
+    padded by fewer than n rows (dropped at the end). Every dot is a 3-d batched matmul over the B * K key/value
+    heads, the G query heads of a group and a chunk's queries side by side: XLA's CPU dots take that layout without
+    a copy of the logits.
     """
     B, Sq, H, Dh = q.shape
     Skv, K = k.shape[1], k.shape[2]
     G = H // K
     n = -(-Sq // chunk)
     size = -(-Sq // n)
-    queries = jnp.pad(q, ((0, 0), (0, n * size - Sq), (0, 0), (0, 0))).transpose(0, 2, 1, 3)  # (B, H, Sq', Dh)
-    queries = jnp.moveaxis(queries.reshape(B, K, G, n, size, Dh), 3, 0)  # (n, B, K, G, c, Dh)
-    keys, values = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (B, K, Skv, Dh): heads first, faster on CPU
+    queries = jnp.pad(q, ((0, 0), (0, n * size - Sq), (0, 0), (0, 0))).reshape(B, n, size, K, G, Dh)
+    queries = queries.transpose(1, 0, 3, 4, 2, 5).reshape(n, B * K, G * size, Dh)  # chunk, key head, (group, query)
+    keys, values = (x.transpose(0, 2, 1, 3).reshape(B * K, Skv, Dh) for x in (k, v))
     valid = None  # (B or 1, 1, 1 or Sq, Skv): the keys each query may attend
     if key_value_seq_lengths is not None:  # the keys before n[b]
         valid = (jnp.arange(Skv)[None, :] < key_value_seq_lengths[:, None])[:, None, None, :]
@@ -135,18 +138,23 @@ def chunked_attention(q, k, v, key_value_seq_lengths=None, *, mask=None, chunk: 
     precision = {jnp.dtype(jnp.bfloat16): jax.lax.DotAlgorithmPreset.BF16_BF16_F32,
                  jnp.dtype(jnp.float16): jax.lax.DotAlgorithmPreset.F16_F16_F32}.get(jnp.dtype(q.dtype))
     logits_dtype = jnp.promote_types(q.dtype, jnp.float32)
+    scale = jnp.asarray(Dh ** -0.5, logits_dtype)
 
-    def one_chunk(qc, keep):  # (B, K, G, c, Dh) -> the same, as jax.nn.dot_product_attention's XLA path
-        logits = jnp.einsum("bkgqd,bksd->bkgqs", qc, keys, precision=precision, preferred_element_type=logits_dtype)
-        logits = logits * jnp.asarray(Dh ** -0.5, logits.dtype)
-        if keep is not None:  # (B or 1, 1, c or 1, Skv) -> over (B, K, G, c, Skv)
-            logits = jnp.where(keep[:, :, None], logits, jnp.asarray(-0.7 * jnp.finfo(jnp.float32).max, logits.dtype))
-        logits = logits.astype(jnp.float32)
-        if k.dtype == jnp.float32:  # normalised after the values (one pass less over the logits), as flash does
-            weights = jnp.exp(logits - logits.max(-1, keepdims=True))
-            return jnp.einsum("bkgqs,bksd->bkgqd", weights, values) / weights.sum(-1, keepdims=True)
+    def masked(logits, keep, fill):  # keep (B or 1, 1, c or 1, Skv) over the logits' (B, K, G, c, Skv)
+        if keep is None:
+            return logits
+        grouped = logits.reshape(B, K, G, size, Skv)
+        return jnp.where(keep[:, :, None], grouped, jnp.asarray(fill, logits.dtype)).reshape(logits.shape)
+
+    def one_chunk(qc, keep):  # (B * K, G * c, Dh) -> the same
+        logits = jnp.einsum("bqd,bsd->bqs", qc, keys, precision=precision, preferred_element_type=logits_dtype)
+        if k.dtype == jnp.float32:  # a row of no key weighs every key alike, as "xla" does
+            logits = masked(logits, keep, FILL)
+            weights = jnp.exp((logits - logits.max(-1, keepdims=True)) * scale)
+            return jnp.einsum("bqs,bsd->bqd", weights, values) / weights.sum(-1, keepdims=True)
+        logits = masked(logits * scale, keep, FILL).astype(jnp.float32)
         probs = jax.nn.softmax(logits, axis=-1).astype(k.dtype)
-        return jnp.einsum("bkgqs,bksd->bkgqd", probs, values)
+        return jnp.einsum("bqs,bsd->bqd", probs, values)
 
     def step(xs):  # one chunk of queries and, if any, its rows of the mask
         qc, rows = xs
@@ -155,9 +163,9 @@ def chunked_attention(q, k, v, key_value_seq_lengths=None, *, mask=None, chunk: 
     if n == 1:
         out = step((queries[0], None if per_query is None else per_query[0]))[None]
     else:
-        out = jax.lax.map(step, (queries, per_query))  # (n, B, K, G, c, Dh)
-    out = jnp.moveaxis(out, 0, 3).reshape(B, H, n * size, Dh)[:, :, :Sq]
-    return out.transpose(0, 2, 1, 3)
+        out = jax.lax.map(step, (queries, per_query))  # (n, B * K, G * c, Dh)
+    out = out.reshape(n, B, K, G, size, Dh).transpose(1, 0, 4, 2, 3, 5).reshape(B, n * size, H, Dh)
+    return out[:, :Sq]
 
 
 def _block(length: int) -> int:

@@ -147,7 +147,8 @@ class Flux2Transformer(nnx.Module):
 
     def __call__(self, hidden_states: jax.Array, encoder_hidden_states: jax.Array, timestep: jax.Array,
                  img_ids: jax.Array, txt_ids: jax.Array, kv_lengths: jax.Array | None = None,
-                 cached_kv: ReferenceKV | None = None) -> jax.Array:
+                 cached_kv: ReferenceKV | None = None,
+                 rope: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
         """Velocity (B, L, C_out) from latents (B, L, C_in), text features (B, T, joint), sigma (B,) in [0, 1].
 
         img_ids (L, 4) and txt_ids (T, 4) are (t, h, w, l) positions shared by the batch; as in diffusers, 3-D ids
@@ -155,6 +156,7 @@ class Flux2Transformer(nnx.Module):
         kv_lengths[b] tokens of the joint [text, image] sequence are attention keys, so image tokens padded at the
         end change no other token (their own outputs are meaningless). cached_kv: reference keys and values of
         every block (models/kv_cache.py), attended after the joint sequence's own; kv_lengths then counts them too.
+        rope: the cos/sin tables self.rope(img_ids, txt_ids), when the caller computed them once for several calls.
         """
         img_ids = img_ids[0] if img_ids.ndim == 3 else img_ids
         txt_ids = txt_ids[0] if txt_ids.ndim == 3 else txt_ids
@@ -165,7 +167,7 @@ class Flux2Transformer(nnx.Module):
         mod_single = self.single_stream_modulation(temb)  # (B, 3D)
         img = self.x_embedder(hidden_states.astype(self.dtype))  # (B, L, D)
         txt = self.context_embedder(encoder_hidden_states.astype(self.dtype))  # (B, T, D)
-        cos, sin = self.rope(img_ids, txt_ids)
+        cos, sin = self.rope(img_ids, txt_ids) if rope is None else rope
         no_cache = ReferenceKV((None,) * len(self.transformer_blocks), (None,) * len(self.single_transformer_blocks))
         double, single = no_cache if cached_kv is None else cached_kv
         for block, cached in zip(self.transformer_blocks, double, strict=True):
