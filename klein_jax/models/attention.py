@@ -7,11 +7,11 @@ A module picks its backend when it is built (`attention_implementation`) or is s
 (`set_attention`); the backend name rides in the module as a static string, so each backend is its own program.
 
 - "xla": jax.nn.dot_product_attention's XLA path (materialises the (B, H, Sq, Skv) logits); every platform.
-- "chunked": the same computation (jax's XLA ops; float32 normalised after the values) in query chunks of at most
-  CHUNK_QUERIES, one chunk per loop iteration, so that a chunk's logits stay in the CPU's cache instead of
-  streaming the whole (B, H, Sq, Skv) array through memory several times; the default on CPU (2.7x faster than
-  "xla" on the medium benchmark's attention, docs/benchmarks.md). Takes a (B, 1, Sq, Skv) mask= (the text
-  encoder's); is_causal= falls back to "xla".
+- "chunked": the same computation (jax's XLA ops; float32 in flash attention's order: scaled inside the exponential,
+  normalised after the values) in query chunks of at most CHUNK_QUERIES, one chunk per loop iteration, as 3-d
+  batched dots, so that a chunk's logits stay in the CPU's cache instead of streaming the whole (B, H, Sq, Skv)
+  array through memory several times; the default on CPU (3x faster than "xla" on the medium benchmark's attention,
+  docs/benchmarks.md). Takes a (B, 1, Sq, Skv) mask= (the text encoder's); is_causal= falls back to "xla".
 - "cudnn": jax.nn.dot_product_attention(implementation="cudnn"), cuDNN flash attention: GPU, 16-bit compute,
   head dims of at most 128 (256 on Hopper) that are multiples of 8.
 - "pallas": JAX's Pallas splash attention for TPU (jax.experimental.pallas.ops.tpu.splash_attention), the key
