@@ -31,6 +31,7 @@ def load_script(name: str):
 
 accelerator = load_script("accelerator")
 cold_start = load_script("cold_start")
+pipeline_stages = load_script("pipeline_stages")
 
 
 # ------------------------------------------------------------------------------------------- accelerator.py
@@ -135,6 +136,34 @@ def test_write_section_replaces_appends_under_a_heading_or_refuses(tmp_path):
 
 def test_markdown_table_writes_empty_cells_with_one_space():
     assert reporting.table(("a", "b", "c"), [["1", "", "-"]]) == "| a | b | c |\n|---|---|---|\n| 1 | | - |"
+
+
+# --------------------------------------------------------------------------------------- pipeline_stages.py
+
+
+def test_interleaved_rounds_take_turns_and_ratio_each_round():
+    """The pipelines run in turn, one image each per round; the speed-up is the median of the rounds' own ratios, so
+    a round where the machine slowed down for both does not move it (the ratio of the medians would: 3.6x here)."""
+    calls = []
+
+    def runner(name, seconds):
+        times = iter(seconds)
+
+        def run():
+            calls.append(name)
+            t = next(times)
+            return {"end_to_end_ms": t, "denoise_ms": t / 2}, name
+
+        return run
+
+    medians, images = pipeline_stages.interleaved(
+        {"ours": runner("ours", [1.0, 1.0, 3.0]), "diffusers": runner("diffusers", [1.2, 3.6, 3.6])}, 3)
+    assert calls == ["ours", "diffusers"] * 3
+    assert images == {"ours": "ours", "diffusers": "diffusers"}
+    assert medians["ours"]["end_to_end_ms"] == 1000.0 and medians["diffusers"]["end_to_end_ms"] == 3600.0
+    assert medians["diffusers"]["denoise_ms"] == 1800.0
+    assert medians["ours"]["ratio_to_first"] == 1.0
+    assert math.isclose(medians["diffusers"]["ratio_to_first"], 1.2)
 
 
 # -------------------------------------------------------------------------------------------- cold_start.py
