@@ -10,7 +10,8 @@ stepwise path (one compiled program per step, then the decoder) so that denoise 
 call users make (denoise + decode in one program); diffusers' stages are timed by wrapping its stage methods
 (accelerator.py's StageClock: the loop runs from the prepared latents to the decode). After a warm-up (which holds
 our compilation) the two pipelines take turns, one image each per round, for --repeats rounds: a change of the
-shared machine's speed falls on both, and the speed-up is the median of the rounds' own ratios. The table replaces the section between the markers in docs/benchmarks.md.
+shared machine's speed falls on both, and the speed-up is the median of the rounds' own ratios. The table replaces
+the section between the markers in docs/benchmarks.md.
 
     .venv/bin/python benchmarks/pipeline_stages.py [--repeats 3] [--no-write]
 """
