@@ -198,10 +198,14 @@ def run(workdir: pathlib.Path, *, keep: bool, size: str = "4b") -> dict:
             shutil.rmtree(workdir, ignore_errors=True)
 
 
+def _component_rows(r: dict) -> str:
+    """The written components' table rows, from the converted folder's manifest."""
+    return "\n".join(f"| {name} | {c['tensors']} | {c['params']:,} | {c['bytes'] / 1e9:.2f} GB |"
+                     for name, c in r["manifest"]["components"].items())
+
+
 def _markdown(r: dict) -> str:
-    parts = r["manifest"]["components"]
-    rows = "\n".join(f"| {name} | {c['tensors']} | {c['params']:,} | {c['bytes'] / 1e9:.2f} GB |"
-                     for name, c in parts.items())
+    rows = _component_rows(r)
     return f"""\
 Measured by `benchmarks/convert_memory.py` ({time.strftime('%Y-%m-%d')}, {platform.machine()}, {_cpu_count()} CPU
 cores, {_mem_gib():.0f} GiB RAM, no GPU): random weights with the real FLUX.2-klein-4B shapes, bf16, in the hub
@@ -233,9 +237,7 @@ machine was shared with other jobs while this ran, so they are upper bounds."""
 
 
 def _markdown_9b(r: dict) -> str:
-    parts = r["manifest"]["components"]
-    rows = "\n".join(f"| {name} | {c['tensors']} | {c['params']:,} | {c['bytes'] / 1e9:.2f} GB |"
-                     for name, c in parts.items())
+    rows = _component_rows(r)
     return f"""\
 Measured by `benchmarks/convert_memory.py --model-size 9b` ({time.strftime('%Y-%m-%d')}, {platform.machine()},
 {_cpu_count()} CPU cores, {_mem_gib():.0f} GiB RAM, no GPU): random weights with the real FLUX.2-klein-9B shapes,
