@@ -140,19 +140,19 @@ def chunked_attention(q, k, v, key_value_seq_lengths=None, *, mask=None, chunk: 
     logits_dtype = jnp.promote_types(q.dtype, jnp.float32)
     scale = jnp.asarray(Dh ** -0.5, logits_dtype)
 
-    def masked(logits, keep, fill):  # keep (B or 1, 1, c or 1, Skv) over the logits' (B, K, G, c, Skv)
+    def masked(logits, keep):  # keep (B or 1, 1, c or 1, Skv) over the logits' (B, K, G, c, Skv)
         if keep is None:
             return logits
         grouped = logits.reshape(B, K, G, size, Skv)
-        return jnp.where(keep[:, :, None], grouped, jnp.asarray(fill, logits.dtype)).reshape(logits.shape)
+        return jnp.where(keep[:, :, None], grouped, jnp.asarray(FILL, logits.dtype)).reshape(logits.shape)
 
     def one_chunk(qc, keep):  # (B * K, G * c, Dh) -> the same
         logits = jnp.einsum("bqd,bsd->bqs", qc, keys, precision=precision, preferred_element_type=logits_dtype)
         if k.dtype == jnp.float32:  # a row of no key weighs every key alike, as "xla" does
-            logits = masked(logits, keep, FILL)
+            logits = masked(logits, keep)
             weights = jnp.exp((logits - logits.max(-1, keepdims=True)) * scale)
             return jnp.einsum("bqs,bsd->bqd", weights, values) / weights.sum(-1, keepdims=True)
-        logits = masked(logits * scale, keep, FILL).astype(jnp.float32)
+        logits = masked(logits * scale, keep).astype(jnp.float32)
         probs = jax.nn.softmax(logits, axis=-1).astype(k.dtype)
         return jnp.einsum("bqs,bsd->bqd", probs, values)
 
