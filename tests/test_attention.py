@@ -48,8 +48,8 @@ CHUNKED_CASES = {
 @pytest.mark.parametrize("case", CHUNKED_CASES)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_chunked_matches_xla(case, dtype):
-    """The same ops as jax's XLA path one query chunk at a time: equal to it (float32 to 1e-6, bfloat16 to one
-    rounding step of the output), masks included."""
+    """jax's XLA attention one query chunk at a time: equal to it (float32 to 1e-6; bfloat16, in flash attention's
+    order, to one rounding step of the output), masks included."""
     chunk, q_len, kv_len, lengths = CHUNKED_CASES[case]
     q, k, v = _qkv(2, q_len, kv_len, 3, 16, dtype, seed=2)
     lengths = None if lengths is None else jnp.asarray(lengths, jnp.int32)
@@ -218,3 +218,39 @@ def test_cudnn_with_key_lengths_matches_xla():
     got = jax.jit(lambda q, k, v, n: dot_product_attention(q, k, v, implementation="cudnn",
                                                            key_value_seq_lengths=n))(q, k, v, lengths)
     assert_close(got, _xla_float32(q, k, v, lengths), rel=1.5e-2, name="cudnn bf16 vs xla float32")
+
+
+def test_chunked_bfloat16_is_closer_to_torch_sdpa_than_xla_order():
+    """16-bit chunked attention runs in flash attention's order, as torch's CPU SDPA kernel does: it agrees with
+    torch's bfloat16 SDPA in more outputs than jax's XLA order (probabilities rounded before the values) and is no
+    farther from the exact (float64) result."""
+    import torch
+
+    q, k, v = (jnp.asarray(x, jnp.float32).astype(jnp.bfloat16) for x in _qkv(1, 600, 600, 4, 64, jnp.float32, 5))
+    got = np.asarray(jax.jit(lambda q, k, v: chunked_attention(q, k, v, chunk=256))(q, k, v), np.float32)
+    xla = np.asarray(jax.nn.dot_product_attention(q, k, v), np.float32)
+    tq, tk, tv = (torch.from_numpy(np.asarray(x, np.float32)).transpose(1, 2) for x in (q, k, v))
+    torch_bf16 = torch.nn.functional.scaled_dot_product_attention(tq.bfloat16(), tk.bfloat16(), tv.bfloat16())
+    torch_bf16 = torch_bf16.transpose(1, 2).float().numpy()
+    exact = torch.nn.functional.scaled_dot_product_attention(tq.double(), tk.double(), tv.double())
+    exact = exact.transpose(1, 2).numpy()
+    same_got, same_xla = np.mean(got == torch_bf16), np.mean(xla == torch_bf16)
+    print(f"equal to torch bf16: chunked {same_got:.3f}, xla order {same_xla:.3f}; max error vs float64: chunked "
+          f"{np.abs(got - exact).max():.4f}, xla {np.abs(xla - exact).max():.4f}, torch {np.abs(torch_bf16 - exact).max():.4f}")
+    assert same_got > same_xla + 0.1
+    assert np.abs(got - exact).max() <= np.abs(xla - exact).max()
+    assert np.abs(got - exact).mean() < np.abs(xla - exact).mean()
+
+
+def test_default_chunks_shrink_with_heads_and_keys():
+    """Without chunk=, the chunk holds about LOGITS_PER_CHUNK logits over all heads, within [64, 512] queries: the
+    medium benchmark's 4 heads x 1536 keys keep 512, klein-4B's 24 x 1536 get 113 and 24 x 4608 the floor of 64; a
+    case with several default-sized chunks still equals XLA attention."""
+    assert attention.chunk_queries(4, 1536) == attention.CHUNK_QUERIES == 512
+    assert attention.chunk_queries(24, 1536) == attention.LOGITS_PER_CHUNK // (24 * 1536) == 113
+    assert attention.chunk_queries(24, 4608) == attention.MIN_CHUNK_QUERIES == 64
+    q, k, v = _qkv(1, 200, 2048, 24, 8, jnp.float32, seed=6)  # 85 queries per chunk: 3 chunks
+    assert attention.chunk_queries(24, 2048) == 85
+    lengths = jnp.asarray([1500], jnp.int32)
+    got = jax.jit(lambda q, k, v, n: chunked_attention(q, k, v, n))(q, k, v, lengths)
+    assert_close(got, jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths), rel=1e-6, name="default")

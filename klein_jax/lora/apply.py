@@ -13,6 +13,7 @@ import jax
 
 from klein_jax.lora.lokr import LokrLinear
 from klein_jax.models.fused import wrap_part
+from klein_jax.models.matmul import matmul
 
 
 class LoraLayout(NamedTuple):
@@ -33,8 +34,8 @@ class LoraLinear:
         self.base, self.down, self.up, self.weights = base, down, up, weights
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        low = (x @ self.down.astype(x.dtype)) * self.weights.astype(x.dtype)  # (..., in) -> (..., R)
-        return self.base(x) + low @ self.up.astype(x.dtype)  # (..., R) -> (..., out)
+        low = matmul(x, self.down.astype(x.dtype)) * self.weights.astype(x.dtype)  # (..., in) -> (..., R)
+        return self.base(x) + matmul(low, self.up.astype(x.dtype))  # (..., R) -> (..., out)
 
 
 def _parent(module, path: str):

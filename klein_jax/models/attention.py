@@ -7,8 +7,8 @@ A module picks its backend when it is built (`attention_implementation`) or is s
 (`set_attention`); the backend name rides in the module as a static string, so each backend is its own program.
 
 - "xla": jax.nn.dot_product_attention's XLA path (materialises the (B, H, Sq, Skv) logits); every platform.
-- "chunked": the same computation (jax's XLA ops; float32 in flash attention's order: scaled inside the exponential,
-  normalised after the values) in query chunks of at most CHUNK_QUERIES, one chunk per loop iteration, as 3-d
+- "chunked": the same function (jax's XLA ops in flash attention's order: scaled inside the exponential,
+  normalised after the values) in query chunks (chunk_queries: 64 to 512 queries), one per loop iteration, as 3-d
   batched dots, so that a chunk's logits stay in the CPU's cache instead of streaming the whole (B, H, Sq, Skv)
   array through memory several times; the default on CPU (3x faster than "xla" on the medium benchmark's attention,
   docs/benchmarks.md). Takes a (B, 1, Sq, Skv) mask= (the text encoder's); is_causal= falls back to "xla".
@@ -30,7 +30,9 @@ from jax.experimental.pallas.ops.tpu import splash_attention as splash
 log = logging.getLogger(__name__)
 
 BACKENDS = ("xla", "chunked", "cudnn", "pallas")
-CHUNK_QUERIES = 512  # "chunked": 512 queries x 1536 keys of float32 logits per head is 3 MiB
+CHUNK_QUERIES = 512  # "chunked": the most queries per chunk (and the fewest, MIN_CHUNK_QUERIES, below)
+MIN_CHUNK_QUERIES = 64
+LOGITS_PER_CHUNK = 1 << 22  # float32 logits per chunk over all heads (16 MiB): the fastest on this project's CPUs
 CUDNN_MAX_HEAD_DIM = 128  # the bound on every cuDNN-capable GPU (Hopper takes 256; jax checks at compile time)
 FILL = -0.7 * float(jnp.finfo(jnp.float32).max)  # the logit of a masked key, jax's XLA attention's
 PALLAS_LANES = 128  # splash tiles are multiples of 128 positions: sequences are padded to one
@@ -102,24 +104,36 @@ def dot_product_attention(q, k, v, *, mask=None, is_causal: bool = False, implem
                                         key_value_seq_lengths=key_value_seq_lengths)
 
 
-def chunked_attention(q, k, v, key_value_seq_lengths=None, *, mask=None, chunk: int = CHUNK_QUERIES):
+def chunk_queries(heads: int, keys: int) -> int:
+    """Queries per chunk for `heads` (batch x query heads) over `keys` keys: LOGITS_PER_CHUNK logits, within
+    [MIN_CHUNK_QUERIES, CHUNK_QUERIES]. Measured on a 2-core AVX-512/AMX VM: 4 heads x 1536 keys (the medium
+    benchmark) fastest at 512; klein-4B's 24 heads x 1536 keys 1.8x faster (bfloat16) and 1.4x (float32) at 128
+    than at 512, and 24 x 4608 (1024x1024) fastest at 64 (docs/benchmarks.md)."""
+    return max(MIN_CHUNK_QUERIES, min(CHUNK_QUERIES, LOGITS_PER_CHUNK // (heads * keys)))
+
+
+def chunked_attention(q, k, v, key_value_seq_lengths=None, *, mask=None, chunk: int | None = None):
     """dot_product_attention one chunk of queries at a time; q (B, Sq, H, Dh), k and v (B, Skv, K, Dh) with K
     dividing H (query head n reads key/value head n // (H / K), as jax and transformers' repeat_kv).
 
     mask: an optional boolean (B or 1, 1, Sq, Skv) of the keys each query may attend (the text encoder's causal and
-    padding mask); key_value_seq_lengths (B,) masks the keys past n[b]. 16-bit attention runs jax's XLA attention
-    ops (logits in float32, scaled, masked with its large negative number, softmax in float32, cast to the values'
-    dtype, then the values) and equals the "xla" backend. Float32 attention runs in flash attention's order: the
-    scale applied inside the exponential and the softmax's sum divided after the values, two passes less over each
-    chunk's logits (within a few 1e-7 of "xla"). The queries are split into n = ceil(Sq / chunk) equal chunks,
-    padded by fewer than n rows (dropped at the end). Every dot is a 3-d batched matmul over the B * K key/value
+    padding mask); key_value_seq_lengths (B,) masks the keys past n[b]. Every dtype runs in flash attention's
+    order, as torch's CPU and cuDNN flash kernels do: logits in float32 (masked with jax's large negative number), the
+    scale applied inside the exponential, the unnormalised weights times the values (16-bit: the weights rounded to
+    the values' dtype, products accumulated in float32), then divided by the weights' float32 sum and rounded once;
+    two passes less over each chunk's logits than a softmax first. Float32: within a few 1e-7 of "xla". 16-bit: closer
+    to torch's SDPA and to the exact result than jax's XLA order (normalised probabilities rounded to 16 bits before
+    the values; tests/test_attention.py), and on CPUs with bfloat16 units both products run on them.
+
+    chunk: queries per chunk, None for chunk_queries(B * H, Skv). The queries are split into n = ceil(Sq / chunk)
+    equal chunks, padded by fewer than n rows (dropped at the end). Every dot is a 3-d batched matmul over the B * K key/value
     heads, the G query heads of a group and a chunk's queries side by side: XLA's CPU dots take that layout without
     a copy of the logits.
     """
     B, Sq, H, Dh = q.shape
     Skv, K = k.shape[1], k.shape[2]
     G = H // K
-    n = -(-Sq // chunk)
+    n = -(-Sq // (chunk or chunk_queries(B * H, Skv)))
     size = -(-Sq // n)
     queries = jnp.pad(q, ((0, 0), (0, n * size - Sq), (0, 0), (0, 0))).reshape(B, n, size, K, G, Dh)
     queries = queries.transpose(1, 0, 3, 4, 2, 5).reshape(n, B * K, G * size, Dh)  # chunk, key head, (group, query)
@@ -148,13 +162,11 @@ def chunked_attention(q, k, v, key_value_seq_lengths=None, *, mask=None, chunk: 
 
     def one_chunk(qc, keep):  # (B * K, G * c, Dh) -> the same
         logits = jnp.einsum("bqd,bsd->bqs", qc, keys, precision=precision, preferred_element_type=logits_dtype)
-        if k.dtype == jnp.float32:  # a row of no key weighs every key alike, as "xla" does
-            logits = masked(logits, keep)
-            weights = jnp.exp((logits - logits.max(-1, keepdims=True)) * scale)
-            return jnp.einsum("bqs,bsd->bqd", weights, values) / weights.sum(-1, keepdims=True)
-        logits = masked(logits * scale, keep).astype(jnp.float32)
-        probs = jax.nn.softmax(logits, axis=-1).astype(k.dtype)
-        return jnp.einsum("bqs,bsd->bqd", probs, values)
+        logits = masked(logits, keep)  # a row of no key weighs every key alike, as "xla" does
+        weights = jnp.exp((logits - logits.max(-1, keepdims=True)) * scale)  # float32
+        numerators = jnp.einsum("bqs,bsd->bqd", weights.astype(v.dtype), values, precision=precision,
+                                preferred_element_type=logits_dtype)
+        return (numerators / weights.sum(-1, keepdims=True)).astype(q.dtype)
 
     def step(xs):  # one chunk of queries and, if any, its rows of the mask
         qc, rows = xs

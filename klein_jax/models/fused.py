@@ -24,6 +24,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from klein_jax.models import matmul
+
 Path = tuple
 OUTPUT, INPUT = "output", "input"
 
@@ -65,7 +67,7 @@ class GroupedLinear(nnx.Module):
         kernel = self.grouped_kernel[...].astype(self.dtype)
         x = x.astype(self.dtype)
         contract = (x.ndim - 1,) if self.side == OUTPUT else (x.ndim - 2, x.ndim - 1)
-        return jax.lax.dot_general(x, kernel, ((contract, tuple(range(len(contract)))), ((), ())))
+        return matmul.dot_general(x, kernel, ((contract, tuple(range(len(contract)))), ((), ())))
 
     def split(self, y: jax.Array) -> tuple[jax.Array, ...]:
         """An OUTPUT layer's (..., G, C) -> one (..., G, segment/G) per segment."""

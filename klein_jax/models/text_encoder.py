@@ -13,6 +13,7 @@ import numpy as np
 from flax import nnx
 
 from klein_jax.configs import TextEncoderConfig
+from klein_jax.models import matmul
 from klein_jax.models.layers import RMSNorm, attention_implementation, dot_product_attention, rms_normalize
 
 
@@ -59,7 +60,7 @@ class Qwen3Attention(nnx.Module):
 
     def __init__(self, config: TextEncoderConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         D, H, K, Dh = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
-        linear = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        linear = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, dot_general=matmul.dot_general, rngs=rngs)
         self.num_heads, self.num_kv_heads, self.head_dim = H, K, Dh
         # the explicit mask takes XLA's path, or its chunked form on CPU (cuDNN and Pallas take lengths only)
         self.mask_attention = "chunked" if attention_implementation(dtype) == "chunked" else "xla"
@@ -89,7 +90,7 @@ class Qwen3MLP(nnx.Module):
 
     def __init__(self, config: TextEncoderConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         D, I = config.hidden_size, config.intermediate_size
-        linear = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        linear = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, dot_general=matmul.dot_general, rngs=rngs)
         self.gate_proj = nnx.Linear(D, I, **linear)
         self.up_proj = nnx.Linear(D, I, **linear)
         self.down_proj = nnx.Linear(I, D, **linear)

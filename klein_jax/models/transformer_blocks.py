@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from klein_jax.models import matmul
 from klein_jax.models.fused import INPUT, GroupedLinear, groups
 from klein_jax.models.layers import RMSNorm, dot_product_attention, layer_norm
 from klein_jax.models.rope import apply_rope
@@ -35,7 +36,8 @@ def with_cached(k: jax.Array, v: jax.Array, cached_kv: KeyValues | None) -> KeyV
 
 def bias_free_linear(in_features: int, out_features: int, *, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.Linear:
     """nnx.Linear without bias: no layer of the FLUX.2 transformer has one."""
-    return nnx.Linear(in_features, out_features, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    return nnx.Linear(in_features, out_features, use_bias=False, dtype=dtype, param_dtype=param_dtype,
+                      dot_general=matmul.dot_general, rngs=rngs)
 
 
 def split_modulation(mod: jax.Array, num_sets: int) -> tuple[tuple[jax.Array, jax.Array, jax.Array], ...]:

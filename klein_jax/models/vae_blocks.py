@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from klein_jax.models import matmul
 from klein_jax.models.attention import attention_implementation, dot_product_attention
 
 NORM_EPS = 1e-6  # diffusers Encoder/Decoder pass resnet_eps=1e-6 and GroupNorm(eps=1e-6) everywhere
@@ -153,10 +154,11 @@ class Attention(nnx.Module):
     def __init__(self, channels: int, groups: int, *, dtype, param_dtype, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype)
         self.group_norm = GroupNorm(groups, channels, **kw)
-        self.to_q = nnx.Linear(channels, channels, rngs=rngs, **kw)
-        self.to_k = nnx.Linear(channels, channels, rngs=rngs, **kw)
-        self.to_v = nnx.Linear(channels, channels, rngs=rngs, **kw)
-        self.to_out = nnx.Linear(channels, channels, rngs=rngs, **kw)  # diffusers to_out.0 (to_out.1 is dropout)
+        linear = dict(kw, dot_general=matmul.dot_general, rngs=rngs)
+        self.to_q = nnx.Linear(channels, channels, **linear)
+        self.to_k = nnx.Linear(channels, channels, **linear)
+        self.to_v = nnx.Linear(channels, channels, **linear)
+        self.to_out = nnx.Linear(channels, channels, **linear)  # diffusers to_out.0 (to_out.1 is dropout)
         self.head_dim = channels  # one head as wide as the channels: 512 in FLUX.2, too wide for cuDNN
         self.attention_impl = attention_implementation(dtype, head_dim=channels)
 

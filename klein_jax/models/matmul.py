@@ -1,0 +1,41 @@
+"""Matrix products of 16-bit operands: accumulated in float32, rounded once to the operands' dtype.
+
+That is what torch's bfloat16 matmul computes (oneDNN on CPU, cuBLAS on GPU) and what XLA's GPU and TPU dots do.
+XLA's CPU dot of two bfloat16 operands with a bfloat16 result is another kernel: float32 speed, and about 1 in
+10,000 of its outputs one bfloat16 step away from torch's. Asked for a float32 result, the same dot runs on the
+CPU's bfloat16 units (AMX / AVX512-BF16 where present: 3.4x faster at the transformer's shapes on this project's
+VM, docs/benchmarks.md) and, rounded once, equals torch's matmul bit for bit. So on CPU every 16-bit product is
+written that way; elsewhere the plain dot already is it. float32 products are untouched.
+
+`dot_general` has jax.lax.dot_general's signature (nnx.Linear takes it as `dot_general=`); `matmul` is `x @ w`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+SIXTEEN_BIT = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def accumulates_explicitly(lhs, rhs) -> bool:
+    """Whether a product of these operands is written as a float32 dot rounded once: two operands of the same 16-bit
+    dtype, traced for the CPU."""
+    dtype = jnp.dtype(lhs.dtype)
+    return dtype in SIXTEEN_BIT and jnp.dtype(rhs.dtype) == dtype and jax.default_backend() == "cpu"
+
+
+def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kwargs):
+    """jax.lax.dot_general; a 16-bit product without an explicit result type accumulates in float32 on CPU and is
+    rounded once to the operands' dtype (module docstring)."""
+    if preferred_element_type is None and accumulates_explicitly(lhs, rhs):
+        out = jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                                  preferred_element_type=jnp.float32, **kwargs)
+        return out.astype(lhs.dtype)
+    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                               preferred_element_type=preferred_element_type, **kwargs)
+
+
+def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x @ w for x (..., K) and w (K, N), through dot_general."""
+    return dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))

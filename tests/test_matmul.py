@@ -1,0 +1,78 @@
+"""16-bit matrix products (klein_jax/models/matmul.py): accumulated in float32 and rounded once, torch's bfloat16
+matmul bit for bit, in every layer that multiplies by a kernel; float32 and other backends untouched."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+from flax import nnx
+
+from klein_jax.models import matmul
+from klein_jax.models.fused import GroupedLinear
+from klein_jax.models.transformer_blocks import bias_free_linear
+
+
+def _pair(rows=384, inner=256, cols=320, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((rows, inner)).astype(np.float32)
+    w = rng.standard_normal((inner, cols)).astype(np.float32)
+    return jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16)
+
+
+def _torch(x, w) -> np.ndarray:
+    """torch's bfloat16 x @ w on the same values, as float32."""
+    tx, tw = (torch.from_numpy(np.asarray(a, np.float32)).bfloat16() for a in (x, w))
+    return (tx @ tw).float().numpy()
+
+
+def test_bfloat16_product_is_torchs_bit_for_bit():
+    x, w = _pair()
+    want = _torch(x, w)
+    got = jax.jit(matmul.matmul)(x, w)
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(got, np.float32), want)
+    # the test can fail: XLA's CPU dot of two bfloat16 operands rounds differently in some outputs
+    plain = np.asarray(jax.jit(jnp.matmul)(x, w), np.float32)
+    assert (plain != want).sum() > 0
+
+
+def test_layers_multiply_through_it():
+    """A transformer linear, a fused projection and the VAE attention's nnx.Linear (with a bias) in bf16: torch's
+    bf16 product on the same weights, bit for bit (the text encoder's bias-free nnx.Linear is built the same way)."""
+    x, w = _pair(seed=1)
+    tx = torch.from_numpy(np.asarray(x, np.float32)).bfloat16()
+    kw = dict(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+
+    linear = bias_free_linear(w.shape[0], w.shape[1], **kw)
+    linear.kernel[...] = w
+    np.testing.assert_array_equal(np.asarray(nnx.jit(lambda m, x: m(x))(linear, x), np.float32), _torch(x, w))
+
+    grouped = GroupedLinear(w.shape[0], (w.shape[1],), 4, ("to_q",), **kw)
+    grouped.grouped_kernel[...] = w.reshape(w.shape[0], 4, -1)
+    got = nnx.jit(lambda m, x: m(x))(grouped, x).reshape(x.shape[0], -1)
+    np.testing.assert_array_equal(np.asarray(got, np.float32), _torch(x, w))
+
+    from klein_jax.models.vae_blocks import Attention
+    attention = Attention(w.shape[0], 8, **kw)
+    bias = jnp.asarray(np.random.default_rng(2).standard_normal(w.shape[0]), jnp.bfloat16)
+    attention.to_q.kernel[...] = w[:, :w.shape[0]]
+    attention.to_q.bias[...] = bias
+    got = np.asarray(nnx.jit(lambda m, x: m(x))(attention.to_q, x), np.float32)
+    tw, tb = (torch.from_numpy(np.asarray(a, np.float32)).bfloat16() for a in (w[:, :w.shape[0]], bias))
+    np.testing.assert_array_equal(got, ((tx @ tw) + tb).float().numpy())  # nnx.Linear adds the bias after rounding
+
+
+def test_float32_and_other_backends_are_untouched(monkeypatch):
+    rng = np.random.default_rng(3)
+    x, w = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in ((64, 96), (96, 48)))
+    assert not matmul.accumulates_explicitly(x, w)
+    np.testing.assert_array_equal(np.asarray(jax.jit(matmul.matmul)(x, w)), np.asarray(jax.jit(jnp.matmul)(x, w)))
+    xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+    assert matmul.accumulates_explicitly(xb, wb)
+    assert not matmul.accumulates_explicitly(xb, w)  # mixed dtypes: jax's promotion rules, as before
+    # an explicit result type is the caller's; the dot is left as asked
+    out = matmul.dot_general(xb, wb, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    assert out.dtype == jnp.float32
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # XLA's GPU and TPU dots already accumulate so
+    assert not matmul.accumulates_explicitly(xb, wb)
+    assert "f32[" not in jax.jit(matmul.matmul).lower(xb, wb).as_text().split("dot_general")[1].split("\n")[0]
