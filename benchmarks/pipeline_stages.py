@@ -5,15 +5,16 @@ hub layout and converted with klein-convert, so that both run the same weights:
 - tiny: the TINY_* configs of the tests (4-pixel tokens), 128x128, 1024 image tokens;
 - medium: a 4-head, 2+4-block transformer (D=256), a 4-level VAE with 16-pixel tokens and mid-block attention, a
   6-layer text encoder, 512x512, 1024 image tokens.
-Both pipelines run text-to-image, 4 steps, from the same initial noise (their outputs are compared). Ours runs the
+Both pipelines run text-to-image, 4 steps, from the same initial noise (their outputs are compared), in float32 or,
+with --dtype bfloat16, both in bfloat16 (the same float32 weights rounded to it by each framework). Ours runs the
 stepwise path (one compiled program per step, then the decoder) so that denoise and decode are timed apart, and the
 call users make (denoise + decode in one program); diffusers' stages are timed by wrapping its stage methods
 (accelerator.py's StageClock: the loop runs from the prepared latents to the decode). After a warm-up (which holds
 our compilation) the two pipelines take turns, one image each per round, for --repeats rounds: a change of the
 shared machine's speed falls on both, and the speed-up is the median of the rounds' own ratios. The table replaces
-the section between the markers in docs/benchmarks.md.
+the section between the markers of its dtype in docs/benchmarks.md.
 
-    .venv/bin/python benchmarks/pipeline_stages.py [--repeats 3] [--no-write]
+    .venv/bin/python benchmarks/pipeline_stages.py [--repeats 3] [--dtype float32|bfloat16] [--no-write]
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import reporting
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "benchmarks.md"
+SECTIONS = {"float32": "pipeline-stages", "bfloat16": "pipeline-stages-bfloat16"}  # dtype -> docs section
 STEPS = 4
 PROMPT = "a lighthouse on a cliff at dusk, oil painting"
 
@@ -62,13 +64,13 @@ def _median_ms(samples: list[float]) -> float:
     return 1000 * statistics.median(samples)
 
 
-def ours_runner(folder: pathlib.Path, size: tuple[int, int], latents):
-    """KleinPipeline at `folder`, compiled by two warm-up calls; returns (run, info): run() times one image (stage
+def ours_runner(folder: pathlib.Path, size: tuple[int, int], latents, dtype: str = "float32"):
+    """KleinPipeline at `folder` in `dtype`, compiled by two warm-up calls; returns (run, info): run() times one image (stage
     seconds and the image as np), info holds the compile time and the first calls' wall time."""
     from klein_jax.images import numpy_to_pil
     from klein_jax.pipeline import KleinPipeline
 
-    pipe = KleinPipeline.from_pretrained(folder, "float32")
+    pipe = KleinPipeline.from_pretrained(folder, dtype)
     width, height = size
     start = time.perf_counter()
     pipe(PROMPT, width=width, height=height, latents=latents, output_type="np", on_step=lambda i, n: None)
@@ -94,7 +96,8 @@ def ours_runner(folder: pathlib.Path, size: tuple[int, int], latents):
 
 
 def diffusers_runner(pipe, size: tuple[int, int], latents, out_layers):
-    """diffusers' Flux2KleinPipeline after one warm-up call; returns run() -> (stage seconds, the image as np)."""
+    """diffusers' Flux2KleinPipeline (latents given in its dtype) after one warm-up call; returns run() -> (stage
+    seconds, the image as np)."""
     import torch
     from accelerator import StageClock
 
@@ -106,7 +109,8 @@ def diffusers_runner(pipe, size: tuple[int, int], latents, out_layers):
         start = time.perf_counter()
         with torch.no_grad():
             image = pipe(prompt=PROMPT, width=width, height=height, num_inference_steps=STEPS, output_type="np",
-                         latents=torch.from_numpy(latents), text_encoder_out_layers=out_layers).images
+                         latents=torch.from_numpy(latents).to(pipe.dtype),
+                         text_encoder_out_layers=out_layers).images
         png = time.perf_counter()
         pipe.image_processor.numpy_to_pil(image)[0].save(io.BytesIO(), format="PNG")
         end = time.perf_counter()
@@ -153,8 +157,9 @@ def make_source(setup, folder: pathlib.Path):
     return pipe
 
 
-def run(repeats: int) -> list[dict]:
+def run(repeats: int, dtype: str = "float32") -> list[dict]:
     import numpy as np
+    import torch
 
     from convert.cli import main as convert_main
 
@@ -170,25 +175,27 @@ def run(repeats: int) -> list[dict]:
             size = width, height = setup.width, setup.height
             latents = np.random.default_rng(0).standard_normal(
                 (1, 128, height // pixels_per_token, width // pixels_per_token)).astype(np.float32)
-            run_ours, info = ours_runner(folder, size, latents)
+            run_ours, info = ours_runner(folder, size, latents, dtype)
+            reference = reference.to(getattr(torch, dtype))
             run_theirs = diffusers_runner(reference, size, latents, setup.text_encoder.out_layers)
             medians, images = interleaved({"ours": run_ours, "diffusers": run_theirs}, repeats)
             ours, theirs = {**medians["ours"], **info}, medians["diffusers"]
             ours_image, their_image = images["ours"], images["diffusers"]
         tokens = (height // pixels_per_token) * (width // pixels_per_token)
+        difference = np.asarray(ours_image, np.float32) - np.asarray(their_image, np.float32)
         rows.append(dict(name=name, size=f"{width}x{height}", tokens=tokens, ours=ours, diffusers=theirs,
-                         max_abs=float(np.abs(ours_image - their_image).max()), load_average=os.getloadavg()))
+                         max_abs=float(np.abs(difference).max()), load_average=os.getloadavg()))
         print(name, rows[-1], flush=True)
     return rows
 
 
-def table(rows: list[dict], repeats: int) -> str:
+def table(rows: list[dict], repeats: int, dtype: str = "float32") -> str:
     import jax
 
     lines = [
         f"Measured by `benchmarks/pipeline_stages.py` ({time.strftime('%Y-%m-%d')}) on "
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores (shared with other jobs), "
-        f"jax {jax.__version__} CPU, float32, {STEPS} steps, text-to-image, {repeats} rounds after a warm-up, each "
+        f"jax {jax.__version__} CPU, {dtype} (both pipelines), {STEPS} steps, text-to-image, {repeats} rounds after a warm-up, each "
         "round one image of each pipeline in turn; medians. Stages are timed on our stepwise path (one program per "
         "step, then the decoder; `total`); `end to end` is the call users make (denoise and decode in one program), "
         "PNG included. `diffusers / ours` is the median over rounds of diffusers' end to end over ours in the same "
@@ -214,15 +221,17 @@ def table(rows: list[dict], repeats: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dtype", choices=sorted(SECTIONS), default="float32",
+                        help="both pipelines' weights and compute; each dtype has its own table in the doc")
     parser.add_argument("--no-write", action="store_true", help="print the table, leave docs/benchmarks.md as is")
     args = parser.parse_args(argv)
     import jax
 
     jax.config.update("jax_default_matmul_precision", "highest")  # float32 parity with torch, as in the tests
-    text = table(run(args.repeats), args.repeats)
+    text = table(run(args.repeats, args.dtype), args.repeats, args.dtype)
     print(text)
     if not args.no_write:
-        reporting.write_section(DOC, "pipeline-stages", text, heading="")
+        reporting.write_section(DOC, SECTIONS[args.dtype], text, heading="")
         print(f"wrote {DOC}")
     return 0
 

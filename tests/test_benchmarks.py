@@ -166,6 +166,21 @@ def test_interleaved_rounds_take_turns_and_ratio_each_round():
     assert math.isclose(medians["diffusers"]["ratio_to_first"], 1.2)
 
 
+def test_stage_table_names_its_dtype_and_each_dtype_has_its_section():
+    stages = {"text_encode_ms": 10.0, "denoise_ms": 400.0, "decode_ms": 300.0, "png_ms": 30.0, "total_ms": 740.0,
+              "end_to_end_ms": 700.0}
+    row = dict(name="medium", size="512x512", tokens=1024, max_abs=0.03, load_average=(1.0, 1.0, 1.0),
+               ours=dict(stages, compile_s=5.0), diffusers=dict(stages, ratio_to_first=0.61))
+    text = pipeline_stages.table([row], 3, "bfloat16")
+    assert "CPU, bfloat16 (both pipelines)" in text and "| 0.61x |" in text
+    assert "float32 (both pipelines)" in pipeline_stages.table([row], 3)
+    assert set(pipeline_stages.SECTIONS) == {"float32", "bfloat16"}
+    assert len(set(pipeline_stages.SECTIONS.values())) == 2
+    doc = (pipeline_stages.DOC).read_text()
+    for name in pipeline_stages.SECTIONS.values():
+        assert f"<!-- {name}:begin -->" in doc and f"<!-- {name}:end -->" in doc
+
+
 # -------------------------------------------------------------------------------------------- cold_start.py
 
 
