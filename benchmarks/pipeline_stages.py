@@ -65,8 +65,8 @@ def _median_ms(samples: list[float]) -> float:
 
 
 def ours_runner(folder: pathlib.Path, size: tuple[int, int], latents, dtype: str = "float32"):
-    """KleinPipeline at `folder` in `dtype`, compiled by two warm-up calls; returns (run, info): run() times one image (stage
-    seconds and the image as np), info holds the compile time and the first calls' wall time."""
+    """KleinPipeline at `folder` in `dtype`, compiled by two warm-up calls; returns (run, info): run() times one image
+    (stage seconds and the image as np), info holds the compile time and the first calls' wall time."""
     from klein_jax.images import numpy_to_pil
     from klein_jax.pipeline import KleinPipeline
 
@@ -195,11 +195,11 @@ def table(rows: list[dict], repeats: int, dtype: str = "float32") -> str:
     lines = [
         f"Measured by `benchmarks/pipeline_stages.py` ({time.strftime('%Y-%m-%d')}) on "
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores (shared with other jobs), "
-        f"jax {jax.__version__} CPU, {dtype} (both pipelines), {STEPS} steps, text-to-image, {repeats} rounds after a warm-up, each "
-        "round one image of each pipeline in turn; medians. Stages are timed on our stepwise path (one program per "
-        "step, then the decoder; `total`); `end to end` is the call users make (denoise and decode in one program), "
-        "PNG included. `diffusers / ours` is the median over rounds of diffusers' end to end over ours in the same "
-        "round. Times in ms; the load average (1, 5, 15 min) is read after each config's rounds.",
+        f"jax {jax.__version__} CPU, {dtype} (both pipelines), {STEPS} steps, text-to-image, {repeats} rounds after a "
+        "warm-up, each round one image of each pipeline in turn; medians. Stages are timed on our stepwise path (one "
+        "program per step, then the decoder; `total`); `end to end` is the call users make (denoise and decode in one "
+        "program), PNG included. `diffusers / ours` is the median over rounds of diffusers' end to end over ours in "
+        "the same round. Times in ms; the load average (1, 5, 15 min) is read after each config's rounds.",
         "",
         "| config | size (image tokens) | pipeline | text encode | denoise | decode | PNG | total | end to end | "
         "diffusers / ours | compile (s) | max abs diff vs diffusers | load average |",

@@ -22,7 +22,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from klein_jax.configs import KLEIN_4B, KLEIN_9B, TINY_TRANSFORMER
-from klein_jax.models.transformer import Flux2Transformer
 
 CONFIGS = {"tiny": TINY_TRANSFORMER, "klein-4b": KLEIN_4B, "klein-9b": KLEIN_9B}
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
@@ -45,8 +44,9 @@ def run(args) -> dict:
     config, dtype = CONFIGS[args.config], DTYPES[args.dtype]
     if args.layers is not None:
         config = dataclasses.replace(config, num_layers=args.layers[0], num_single_layers=args.layers[1])
-    build = nnx.jit(lambda: Flux2Transformer(config, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(build())
+    from accelerator import _random_module  # built abstractly, filled tensor by tensor: no whole-model init program
+
+    graphdef, state = nnx.split(_random_module("transformer", config, dtype, seed=0))
     inputs = _inputs(config, width=args.width, height=args.height, refs=args.refs, text_len=args.text_len,
                      dtype=dtype)
     forward = jax.jit(lambda state, *xs: nnx.merge(graphdef, state)(*xs))

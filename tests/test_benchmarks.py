@@ -32,6 +32,7 @@ def load_script(name: str):
 accelerator = load_script("accelerator")
 cold_start = load_script("cold_start")
 pipeline_stages = load_script("pipeline_stages")
+transformer_forward = load_script("transformer_forward")
 
 
 # ------------------------------------------------------------------------------------------- accelerator.py
@@ -179,6 +180,22 @@ def test_stage_table_names_its_dtype_and_each_dtype_has_its_section():
     doc = (pipeline_stages.DOC).read_text()
     for name in pipeline_stages.SECTIONS.values():
         assert f"<!-- {name}:begin -->" in doc and f"<!-- {name}:end -->" in doc
+
+
+# ----------------------------------------------------------------------------------- transformer_forward.py
+
+
+def test_transformer_forward_times_one_compiled_forward(tmp_path):
+    """The tiny transformer, random weights filled tensor by tensor (no whole-model init program: the real 4B's
+    drew 27.9 GB at once and did not fit 24 GiB), one JSON line with XLA's FLOP count."""
+    out = tmp_path / "forward.jsonl"
+    argv = ["--config", "tiny", "--width", "64", "--height", "64", "--text-len", "16", "--iters", "1",
+            "--dtype", "float32", "--out", str(out)]
+    assert transformer_forward.main(argv) == 0
+    (line,) = out.read_text().splitlines()
+    result = json.loads(line)
+    assert result["tokens"] == (64 // 16) ** 2 + 16 and result["dtype"] == "float32"
+    assert result["step_ms"] > 0 and result["tflop"] > 0 and result["compile_s"] > 0
 
 
 # -------------------------------------------------------------------------------------------- cold_start.py

@@ -118,17 +118,17 @@ def chunked_attention(q, k, v, key_value_seq_lengths=None, *, mask=None, chunk: 
 
     mask: an optional boolean (B or 1, 1, Sq, Skv) of the keys each query may attend (the text encoder's causal and
     padding mask); key_value_seq_lengths (B,) masks the keys past n[b]. Every dtype runs in flash attention's
-    order, as torch's CPU and cuDNN flash kernels do: logits in float32 (masked with jax's large negative number), the
-    scale applied inside the exponential, the unnormalised weights times the values (16-bit: the weights rounded to
+    order, as torch's CPU and cuDNN flash kernels do: logits in float32 (masked with jax's large negative number),
+    the scale applied inside the exponential, the unnormalised weights times the values (16-bit: the weights rounded to
     the values' dtype, products accumulated in float32), then divided by the weights' float32 sum and rounded once;
-    two passes less over each chunk's logits than a softmax first. Float32: within a few 1e-7 of "xla". 16-bit: closer
-    to torch's SDPA and to the exact result than jax's XLA order (normalised probabilities rounded to 16 bits before
-    the values; tests/test_attention.py), and on CPUs with bfloat16 units both products run on them.
+    two passes less over each chunk's logits than a softmax first. Float32: within a few 1e-7 of "xla". 16-bit:
+    closer to torch's SDPA and to the exact result than jax's XLA order (normalised probabilities rounded to 16 bits
+    before the values; tests/test_attention.py), and on CPUs with bfloat16 units both products run on them.
 
     chunk: queries per chunk, None for chunk_queries(B * H, Skv). The queries are split into n = ceil(Sq / chunk)
-    equal chunks, padded by fewer than n rows (dropped at the end). Every dot is a 3-d batched matmul over the B * K key/value
-    heads, the G query heads of a group and a chunk's queries side by side: XLA's CPU dots take that layout without
-    a copy of the logits.
+    equal chunks, padded by fewer than n rows (dropped at the end). Every dot is a 3-d batched matmul over the B * K
+    key/value heads, the G query heads of a group and a chunk's queries side by side: XLA's CPU dots take that layout
+    without a copy of the logits.
     """
     B, Sq, H, Dh = q.shape
     Skv, K = k.shape[1], k.shape[2]
