@@ -33,6 +33,7 @@ accelerator = load_script("accelerator")
 cold_start = load_script("cold_start")
 pipeline_stages = load_script("pipeline_stages")
 transformer_forward = load_script("transformer_forward")
+image_time = load_script("image_time")
 
 
 # ------------------------------------------------------------------------------------------- accelerator.py
@@ -196,6 +197,24 @@ def test_transformer_forward_times_one_compiled_forward(tmp_path):
     result = json.loads(line)
     assert result["tokens"] == (64 // 16) ** 2 + 16 and result["dtype"] == "float32"
     assert result["step_ms"] > 0 and result["tflop"] > 0 and result["compile_s"] > 0
+
+
+# -------------------------------------------------------------------------------------------- image_time.py
+
+
+def test_image_time_times_a_converted_checkpoint(tiny_checkpoint, tmp_path):
+    path = tmp_path / "image.json"
+    argv = ["--model", str(tiny_checkpoint.klein), "--dtype", "float32", "--width", "64", "--height", "64",
+            "--steps", "2", "--json", str(path), "--no-doc"]
+    assert image_time.main(argv) == 0
+    figures = json.loads(path.read_text())
+    assert figures["finite"] and figures["steps"] == 2 and figures["peak_rss_gib"] > 0
+    assert 0 < figures["compile_s"] < figures["first_call_s"] and figures["load_s"] > 0
+    assert all(figures[name] > 0 for name in image_time.STAGES)
+    assert figures["denoise_ms"] / 1000 < figures["second_call_s"]
+    table = image_time.markdown(figures)
+    assert "in float32, 64x64, 2 steps" in table and "is finite" in table
+    assert "<!-- image-time:begin -->" in image_time.DOC.read_text()
 
 
 # -------------------------------------------------------------------------------------------- cold_start.py
