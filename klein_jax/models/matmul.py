@@ -1,11 +1,13 @@
 """Matrix products of 16-bit operands: accumulated in float32, rounded once to the operands' dtype.
 
 That is what torch's bfloat16 matmul computes (oneDNN on CPU, cuBLAS on GPU) and what XLA's GPU and TPU dots do.
-XLA's CPU dot of two bfloat16 operands with a bfloat16 result is another kernel: float32 speed, and about 1 in
-10,000 of its outputs one bfloat16 step away from torch's. Asked for a float32 result, the same dot runs on the
-CPU's bfloat16 units (AMX / AVX512-BF16 where present: 3.4x faster at the transformer's shapes on this project's
-VM, docs/benchmarks.md) and, rounded once, equals torch's matmul bit for bit. So on CPU every 16-bit product is
-written that way; elsewhere the plain dot already is it. float32 products are untouched.
+XLA's CPU backend runs a dot of two bfloat16 operands with a bfloat16 result by converting both to float32 first:
+float32 speed, a float32 copy of every weight among the compiled program's temporaries (8.89 GiB for klein-4B's
+text encoder), and about 1 in 10,000 outputs one bfloat16 step away from torch's. Asked for a float32 result, the
+same dot runs on the CPU's bfloat16 units (AMX / AVX512-BF16 where present: a (1536 x 256) @ (256 x 768) product
+3.4x faster on this project's VM, docs/benchmarks.md) with no copy and, rounded once, equals torch's matmul bit for
+bit. So on CPU every 16-bit product is written that way; elsewhere the plain dot already is it. float32 products
+are untouched.
 
 `dot_general` has jax.lax.dot_general's signature (nnx.Linear takes it as `dot_general=`); `matmul` is `x @ w`.
 """
