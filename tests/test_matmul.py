@@ -97,3 +97,19 @@ def test_bfloat16_programs_do_not_hold_float32_copies_of_the_weights():
     assert weights > 2 * 2**28  # two layers and the embedding: ~0.9 GB of bfloat16
     print(f"weights {weights / 2**30:.2f} GiB, temporaries {memory.temp_size_in_bytes / 2**30:.3f} GiB")
     assert memory.temp_size_in_bytes < 0.1 * weights
+
+
+def test_a_product_of_one_row_is_padded_and_keeps_no_float32_weights():
+    """A modulation's one row (one image): padded to two rows, so that XLA's CPU does not run its matrix-vector
+    kernel, which converts the weights to float32 first; within one bfloat16 step of torch's product (the float32
+    sums run in another order)."""
+    rng = np.random.default_rng(4)
+    w = jnp.asarray(rng.standard_normal((1024, 2048)), jnp.bfloat16)
+    x = jnp.asarray(rng.standard_normal((1, 1024)), jnp.bfloat16)
+    compiled = jax.jit(matmul.matmul).lower(x, w).compile()
+    assert compiled.memory_analysis().temp_size_in_bytes < w.size  # no float32 copy of w (8 MiB)
+    got = np.asarray(compiled(x, w), np.float32)
+    want = _torch(x, w)
+    assert got.shape == (1, 2048) and np.all(np.abs(got - want) <= np.abs(want) * 2.0 ** -7)
+    plain = jax.jit(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32).astype(jnp.bfloat16))
+    assert plain.lower(x, w).compile().memory_analysis().temp_size_in_bytes >= 2 * w.size  # the copy avoided
