@@ -74,11 +74,13 @@ def zero_outside(x: jax.Array, mask: jax.Array | None) -> jax.Array:
 
 def conv2d_nhwc(cin: int, cout: int, kernel: int, *, dtype, param_dtype, rngs, strides: int = 1,
                 padding=None) -> nnx.Conv:
-    """torch Conv2d(cin, cout, kernel, padding=kernel // 2) in NHWC (explicit symmetric padding by default)."""
+    """torch Conv2d(cin, cout, kernel, padding=kernel // 2) in NHWC (explicit symmetric padding by default); in
+    16 bits on CPU the bias is added before the one rounding, as torch does (matmul.RoundOnceConv)."""
     if padding is None:
         padding = ((kernel // 2, kernel // 2), (kernel // 2, kernel // 2))
-    return nnx.Conv(cin, cout, (kernel, kernel), strides=strides, padding=padding, dtype=dtype,
-                    param_dtype=param_dtype, rngs=rngs)
+    return matmul.RoundOnceConv(cin, cout, (kernel, kernel), strides=strides, padding=padding, dtype=dtype,
+                                param_dtype=param_dtype, conv_general_dilated=matmul.wide_conv_general_dilated,
+                                rngs=rngs)
 
 
 class ResnetBlock2D(nnx.Module):
@@ -138,14 +140,14 @@ class Upsample2D(nnx.Module):
         phases = jnp.sum(taps[None, None, :, :, :, None, None] * by_row[:, :, None, None], axis=4)  # (a, r, b, s, C, C)
         phases = phases.transpose(1, 3, 4, 0, 2, 5)  # (2, 2, C, 2, 2, C): 2x2 taps, in, phase a, phase b, out
         phases = phases.reshape(2, 2, C, 4 * C).astype(dtype)  # output channel (2a + b) * C + o
-        y = jax.lax.conv_general_dilated(x.astype(dtype), phases, (1, 1), ((1, 1), (1, 1)),
-                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))  # (B, H+1, W+1, 4C)
+        y = matmul.wide_conv_general_dilated(x.astype(dtype), phases, (1, 1), ((1, 1), (1, 1)),
+                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))  # (B, H+1, W+1, 4C)
         y = y.reshape(B, H + 1, W + 1, 2, 2, C)  # (..., 4C) -> (..., phase a, phase b, C)
         # phase (a, b) of input pixel (i, j) is y[i + a, j + b, a, b]
         rows = [jnp.stack([y[:, a:a + H, b:b + W, a, b] for b in (0, 1)], axis=3)  # (B, H, W, 2, C)
                 for a in (0, 1)]
         out = jnp.stack(rows, axis=2).reshape(B, 2 * H, 2 * W, C)  # (B, H, 2, W, 2, C) -> (B, 2H, 2W, C)
-        return out + self.conv.bias[...].astype(dtype)
+        return (out + self.conv.bias[...].astype(dtype)).astype(dtype)  # 16 bits on CPU: float32 until here
 
 
 class Attention(nnx.Module):
@@ -154,11 +156,11 @@ class Attention(nnx.Module):
     def __init__(self, channels: int, groups: int, *, dtype, param_dtype, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype)
         self.group_norm = GroupNorm(groups, channels, **kw)
-        linear = dict(kw, dot_general=matmul.dot_general, rngs=rngs)
-        self.to_q = nnx.Linear(channels, channels, **linear)
-        self.to_k = nnx.Linear(channels, channels, **linear)
-        self.to_v = nnx.Linear(channels, channels, **linear)
-        self.to_out = nnx.Linear(channels, channels, **linear)  # diffusers to_out.0 (to_out.1 is dropout)
+        linear = dict(kw, dot_general=matmul.wide_dot_general, rngs=rngs)  # bias before the rounding, as torch
+        self.to_q = matmul.RoundOnceLinear(channels, channels, **linear)
+        self.to_k = matmul.RoundOnceLinear(channels, channels, **linear)
+        self.to_v = matmul.RoundOnceLinear(channels, channels, **linear)
+        self.to_out = matmul.RoundOnceLinear(channels, channels, **linear)  # diffusers to_out.0 (to_out.1 is dropout)
         self.head_dim = channels  # one head as wide as the channels: 512 in FLUX.2, too wide for cuDNN
         self.attention_impl = attention_implementation(dtype, head_dim=channels)
 
