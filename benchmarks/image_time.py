@@ -62,7 +62,8 @@ def markdown(r: dict) -> str:
     head = (f"Measured by `benchmarks/image_time.py` ({time.strftime('%Y-%m-%d')}) on {r['device']} "
             f"({platform.machine()}, {os.cpu_count()} CPU cores), jax {r['jax']}: `{r['model']}` in {r['dtype']}, "
             f"{r['width']}x{r['height']}, {r['steps']} steps, stepwise; load average "
-            f"{reporting.format_load(r['load_average'])} at the end; the image {'is finite' if r['finite'] else 'is not finite (random weights overflow)'}.")
+            f"{reporting.format_load(r['load_average'])} at the end; the image "
+            f"{'is finite' if r['finite'] else 'is not finite (random weights overflow)'}.")
     row = [f"{r['load_s']:.1f}", f"{r['first_call_s']:.1f}", f"{r['compile_s']:.1f}", f"{r['second_call_s']:.1f}",
            *(f"{r[name] / 1000:.1f}" for name in STAGES), f"{r['peak_rss_gib']:.2f}"]
     columns = ["load (s)", "first call (s)", "of which compile (s)", "second call (s)", "text encode (s)",

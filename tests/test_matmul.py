@@ -142,7 +142,7 @@ def test_biased_layers_add_the_bias_before_the_one_rounding():
     assert np.mean(got == want) > 0.999
     assert np.mean(np.asarray(run(plain, x), np.float32) == want) < 0.9  # the order it replaces
 
-    linear = matmul.RoundOnceLinear(64, 64, dot_general=matmul.wide_dot_general, **kw)
+    linear = matmul.RoundOnceLinear(64, 64, **kw)
     linear.kernel[...], linear.bias[...] = w[0, 0], b
     rows = x.reshape(-1, 64)
     want = torch.nn.functional.linear(tx.reshape(-1, 64), tw[0, 0].T, tb).float().numpy()

@@ -27,6 +27,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
+from klein_jax.models.matmul import is_16_bit
+
 log = logging.getLogger(__name__)
 
 BACKENDS = ("xla", "chunked", "cudnn", "pallas")
@@ -38,10 +40,6 @@ FILL = -0.7 * float(jnp.finfo(jnp.float32).max)  # the logit of a masked key, ja
 PALLAS_LANES = 128  # splash tiles are multiples of 128 positions: sequences are padded to one
 
 
-def _is_16_bit(dtype) -> bool:
-    return jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-
-
 def attention_implementation(dtype, head_dim: int | None = None) -> str:
     """The default backend: chunked XLA on CPU; cuDNN on GPU for 16-bit compute (and head dims it takes); XLA
     otherwise.
@@ -51,7 +49,7 @@ def attention_implementation(dtype, head_dim: int | None = None) -> str:
     if jax.default_backend() == "cpu":
         return "chunked"
     fits = head_dim is None or (head_dim <= CUDNN_MAX_HEAD_DIM and head_dim % 8 == 0)
-    return "cudnn" if jax.default_backend() == "gpu" and _is_16_bit(dtype) and fits else "xla"
+    return "cudnn" if jax.default_backend() == "gpu" and is_16_bit(dtype) and fits else "xla"
 
 
 def check_attention(name: str, dtype, head_dim: int | None = None) -> str:
@@ -61,7 +59,7 @@ def check_attention(name: str, dtype, head_dim: int | None = None) -> str:
     if name == "cudnn":
         if jax.default_backend() != "gpu":
             raise ValueError(f"attention 'cudnn' needs a GPU; this process runs on {jax.default_backend()}")
-        if not _is_16_bit(dtype) or (head_dim is not None and (head_dim % 8 or head_dim > 256)):
+        if not is_16_bit(dtype) or (head_dim is not None and (head_dim % 8 or head_dim > 256)):
             raise ValueError(f"attention 'cudnn' takes bfloat16/float16 and head dims that are multiples of 8 up "
                              f"to 256 (128 before Hopper); got {jnp.dtype(dtype).name}, head dim {head_dim}")
     return name

@@ -22,11 +22,14 @@ from flax import nnx
 SIXTEEN_BIT = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
+def is_16_bit(dtype) -> bool:
+    return jnp.dtype(dtype) in SIXTEEN_BIT
+
+
 def accumulates_explicitly(lhs, rhs) -> bool:
     """Whether a product of these operands is written as a float32 dot rounded once: two operands of the same 16-bit
     dtype, traced for the CPU."""
-    dtype = jnp.dtype(lhs.dtype)
-    return dtype in SIXTEEN_BIT and jnp.dtype(rhs.dtype) == dtype and jax.default_backend() == "cpu"
+    return is_16_bit(lhs.dtype) and jnp.dtype(rhs.dtype) == jnp.dtype(lhs.dtype) and jax.default_backend() == "cpu"
 
 
 def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kwargs):
@@ -60,15 +63,20 @@ def wide_conv_general_dilated(lhs, rhs, *args, preferred_element_type=None, **kw
 class RoundOnceLinear(nnx.Linear):
     """nnx.Linear whose 16-bit result on CPU is the float32 product plus the bias, rounded once to its dtype (torch's
     addmm order; nnx.Linear rounds the product, then adds the bias in 16 bits: one step apart in about a quarter of
-    the outputs). Build it with dot_general=wide_dot_general."""
+    the outputs)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, dot_general=wide_dot_general, **kwargs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return super().__call__(x).astype(self.dtype or x.dtype)
 
 
 class RoundOnceConv(nnx.Conv):
-    """nnx.Conv, the same way (conv_general_dilated=wide_conv_general_dilated): torch's convolution adds its bias
-    before the one rounding."""
+    """nnx.Conv, the same way: torch's convolution adds its bias before the one rounding."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, conv_general_dilated=wide_conv_general_dilated, **kwargs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return super().__call__(x).astype(self.dtype or x.dtype)

@@ -79,8 +79,7 @@ def conv2d_nhwc(cin: int, cout: int, kernel: int, *, dtype, param_dtype, rngs, s
     if padding is None:
         padding = ((kernel // 2, kernel // 2), (kernel // 2, kernel // 2))
     return matmul.RoundOnceConv(cin, cout, (kernel, kernel), strides=strides, padding=padding, dtype=dtype,
-                                param_dtype=param_dtype, conv_general_dilated=matmul.wide_conv_general_dilated,
-                                rngs=rngs)
+                                param_dtype=param_dtype, rngs=rngs)
 
 
 class ResnetBlock2D(nnx.Module):
@@ -156,7 +155,7 @@ class Attention(nnx.Module):
     def __init__(self, channels: int, groups: int, *, dtype, param_dtype, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype)
         self.group_norm = GroupNorm(groups, channels, **kw)
-        linear = dict(kw, dot_general=matmul.wide_dot_general, rngs=rngs)  # bias before the rounding, as torch
+        linear = dict(kw, rngs=rngs)  # the bias added before the rounding, as torch
         self.to_q = matmul.RoundOnceLinear(channels, channels, **linear)
         self.to_k = matmul.RoundOnceLinear(channels, channels, **linear)
         self.to_v = matmul.RoundOnceLinear(channels, channels, **linear)
