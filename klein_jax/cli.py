@@ -57,8 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fp8: the transformer's block kernels stored as float8 e4m3 with a scale per output channel "
                         "(half their memory)")
     p.add_argument("--attention", choices=BACKENDS, default=None,
-                   help="the transformer's attention backend (default: cudnn on GPU in bfloat16, else xla; pallas: "
-                        "the TPU splash kernel; docs/benchmarks.md)")
+                   help="the transformer's attention backend (default: fused on CPU in float32, chunked on CPU in "
+                        "bfloat16, cudnn on GPU in bfloat16, else xla; pallas: the TPU splash kernel; docs/benchmarks.md)")
     p.add_argument("--compilation-cache", default=None, metavar="DIR",
                    help=f"persistent XLA compilation cache folder; 'none' to disable "
                         f"(default: ${CACHE_ENV} or {DEFAULT_CACHE})")

@@ -78,9 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     _option(p, "--quantization", type=_quantization, metavar="fp8",
             help="fp8: the transformer's block kernels stored as float8 e4m3 with a scale per output channel "
                  "(half their memory; docs/benchmarks.md has its PSNR)")
-    _option(p, "--attention", type=_attention, metavar="xla|cudnn|pallas",
-            help="the transformer's attention backend (default: cudnn on GPU in bfloat16, else xla; pallas: the TPU "
-                 "splash kernel)")
+    _option(p, "--attention", type=_attention, metavar="xla|chunked|fused|cudnn|pallas",
+            help="the transformer's attention backend (default: fused on CPU in float32, chunked on CPU in bfloat16, "
+                 "cudnn on GPU in bfloat16, else xla; pallas: the TPU splash kernel)")
     _option(p, "--host", "127.0.0.1", help="address to listen on")
     _option(p, "--port", "8000", type=int, help="port to listen on (0: any free port)")
     _switch(p, "--no-auth", "serve without API keys (only on a trusted network)")

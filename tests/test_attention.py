@@ -1,6 +1,8 @@
 """Attention backends (klein_jax/models/attention.py): the chunked CPU path, the Pallas splash kernel in interpret
 mode and cuDNN (GPU) against XLA attention, with key padding; backend choice and switching."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -163,7 +165,7 @@ def test_transformer_with_pallas_equals_xla():
         graphdef, state = nnx.split(module)
         return jax.jit(lambda s, x: nnx.merge(graphdef, s)(**x))(state, inputs)
 
-    set_attention(model, "xla", jnp.float32)  # this CPU's default is "chunked"
+    set_attention(model, "xla", jnp.float32)  # this CPU's float32 default is "fused"
     want = run(model)
     switched = set_attention(model, "pallas", jnp.float32)
     assert switched == TINY_TRANSFORMER.num_layers + TINY_TRANSFORMER.num_single_layers
@@ -173,8 +175,14 @@ def test_transformer_with_pallas_equals_xla():
 
 
 def test_defaults_per_platform(monkeypatch):
-    assert attention_implementation(jnp.bfloat16) == "chunked"  # this CPU
-    assert attention_implementation(jnp.float32, head_dim=512) == "chunked"
+    assert attention_implementation(jnp.bfloat16) == "chunked"  # this CPU: 16-bit stays on XLA
+    assert attention_implementation(jnp.float32, head_dim=512) == "fused"  # the kernel builds here (CI has g++)
+    assert attention_implementation(jnp.float32, head_dim=24) == "chunked"  # not a multiple of 16 lanes
+    monkeypatch.setenv("KLEIN_JAX_CPU_KERNEL", "0")
+    monkeypatch.setattr(attention.cpu_attention, "_load", functools.cache(attention.cpu_attention._load.__wrapped__))
+    assert attention_implementation(jnp.float32) == "chunked"  # no kernel: XLA's chunks
+    with pytest.raises(ValueError, match="unavailable here: disabled by KLEIN_JAX_CPU_KERNEL=0"):
+        check_attention("fused", jnp.float32)
     monkeypatch.setattr(attention.jax, "default_backend", lambda: "gpu")
     assert attention_implementation(jnp.bfloat16, head_dim=128) == "cudnn"
     assert attention_implementation(jnp.float16) == "cudnn"
@@ -185,7 +193,7 @@ def test_defaults_per_platform(monkeypatch):
 
 
 def test_backend_errors(monkeypatch):
-    with pytest.raises(ValueError, match="is not one of xla, chunked, cudnn, pallas"):
+    with pytest.raises(ValueError, match="is not one of xla, chunked, fused, cudnn, pallas"):
         check_attention("flash", jnp.bfloat16)
     with pytest.raises(ValueError, match="needs a GPU"):
         check_attention("cudnn", jnp.bfloat16)

@@ -1,5 +1,5 @@
-"""Softmax attention backends: XLA's reference, XLA in query chunks (CPU), cuDNN flash attention (GPU) and a Pallas
-splash kernel (TPU).
+"""Softmax attention backends: XLA's reference, XLA in query chunks (CPU), a fused float32 CPU kernel, cuDNN flash
+attention (GPU) and a Pallas splash kernel (TPU).
 
 Every backend computes the same function (torch SDPA's: scale 1/sqrt(Dh), softmax in fp32) on (B, S, H, Dh)
 tensors, with `key_value_seq_lengths` (B,) masking the keys past n[b] (klein pads text and references to buckets).
@@ -12,6 +12,10 @@ A module picks its backend when it is built (`attention_implementation`) or is s
   batched dots, so that a chunk's logits stay in the CPU's cache instead of streaming the whole (B, H, Sq, Skv)
   array through memory several times; the default on CPU (3x faster than "xla" on the medium benchmark's attention,
   docs/benchmarks.md). Takes a (B, 1, Sq, Skv) mask= (the text encoder's); is_causal= falls back to "xla".
+- "fused": "chunked"'s function in one XLA FFI custom call (cpu_attention.py / cpu_attention.cc, built on first use
+  with the host's C++ compiler): each block of queries' logits stays in the core's cache from the first product to the
+  last; the default on CPU for float32 when it builds. Head dims that are not multiples of 16, other dtypes and
+  mask= / is_causal= run "chunked" instead.
 - "cudnn": jax.nn.dot_product_attention(implementation="cudnn"), cuDNN flash attention: GPU, 16-bit compute,
   head dims of at most 128 (256 on Hopper) that are multiples of 8.
 - "pallas": JAX's Pallas splash attention for TPU (jax.experimental.pallas.ops.tpu.splash_attention), the key
@@ -27,11 +31,12 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
+from klein_jax.models import cpu_attention
 from klein_jax.models.matmul import is_16_bit
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("xla", "chunked", "cudnn", "pallas")
+BACKENDS = ("xla", "chunked", "fused", "cudnn", "pallas")
 CHUNK_QUERIES = 512  # "chunked": the most queries per chunk (and the fewest, MIN_CHUNK_QUERIES, below)
 MIN_CHUNK_QUERIES = 64
 LOGITS_PER_CHUNK = 1 << 22  # float32 logits per chunk over all heads (16 MiB): the fastest on this project's CPUs
@@ -41,13 +46,14 @@ PALLAS_LANES = 128  # splash tiles are multiples of 128 positions: sequences are
 
 
 def attention_implementation(dtype, head_dim: int | None = None) -> str:
-    """The default backend: chunked XLA on CPU; cuDNN on GPU for 16-bit compute (and head dims it takes); XLA
-    otherwise.
+    """The default backend: on CPU the fused kernel for float32 (when it builds here) and chunked XLA otherwise;
+    cuDNN on GPU for 16-bit compute (and head dims it takes); XLA otherwise.
 
     TPU stays on XLA until the Pallas kernel has been measured there (docs/benchmarks.md).
     """
     if jax.default_backend() == "cpu":
-        return "chunked"
+        fused = jnp.dtype(dtype) == jnp.float32 and (head_dim is None or head_dim % cpu_attention.LANES == 0)
+        return "fused" if fused and cpu_attention.available() else "chunked"
     fits = head_dim is None or (head_dim <= CUDNN_MAX_HEAD_DIM and head_dim % 8 == 0)
     return "cudnn" if jax.default_backend() == "gpu" and is_16_bit(dtype) and fits else "xla"
 
@@ -56,6 +62,12 @@ def check_attention(name: str, dtype, head_dim: int | None = None) -> str:
     """`name` if that backend can run attention in `dtype` (of `head_dim`, when given) here; else a ValueError."""
     if name not in BACKENDS:
         raise ValueError(f"attention {name!r} is not one of {', '.join(BACKENDS)}")
+    if name == "fused":
+        if jax.default_backend() != "cpu" or jnp.dtype(dtype) != jnp.float32:
+            raise ValueError(f"attention 'fused' is a float32 CPU kernel; got {jnp.dtype(dtype).name} on "
+                             f"{jax.default_backend()}")
+        if (reason := cpu_attention.unavailable_reason()) is not None:
+            raise ValueError(f"attention 'fused' is unavailable here: {reason}")
     if name == "cudnn":
         if jax.default_backend() != "gpu":
             raise ValueError(f"attention 'cudnn' needs a GPU; this process runs on {jax.default_backend()}")
@@ -95,9 +107,11 @@ def dot_product_attention(q, k, v, *, mask=None, is_causal: bool = False, implem
         if mask is not None or is_causal:
             raise ValueError("attention 'pallas' takes key_value_seq_lengths only, not mask= or is_causal=")
         return pallas_attention(q, k, v, key_value_seq_lengths)
-    if implementation == "chunked" and not is_causal:
+    if implementation == "fused" and mask is None and not is_causal and cpu_attention.supports(q, k):
+        return cpu_attention.fused_attention(q, k, v, key_value_seq_lengths)
+    if implementation in ("chunked", "fused") and not is_causal:
         return chunked_attention(q, k, v, key_value_seq_lengths, mask=mask)
-    xla_or_cudnn = None if implementation in (None, "xla", "chunked") else implementation
+    xla_or_cudnn = None if implementation in (None, "xla", "chunked", "fused") else implementation
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, implementation=xla_or_cudnn,
                                         key_value_seq_lengths=key_value_seq_lengths)
 

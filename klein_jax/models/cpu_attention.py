@@ -1,0 +1,163 @@
+"""The fused float32 CPU attention kernel (cpu_attention.cc): built once per machine, registered with XLA, called.
+
+XLA's CPU backend runs attention as separate ops (the logits' product, the softmax passes, the values' product), each
+streaming a chunk of logits through memory; the kernel keeps a block of queries' logits in the core's cache from the
+first product to the last (docs/benchmarks.md: the medium benchmark's attention 13 -> 8 ms). It computes the
+"chunked" backend's function (attention.chunked_attention: flash attention's order, float32) on jax's (B, S, H, Dh)
+layout, with key_value_seq_lengths.
+
+It is C++ built from source with the host's compiler (`$CXX`, else c++ / g++ / clang++; -O3 -march=native) against
+the XLA FFI headers jax ships, into a cache folder keyed by the source, jaxlib version, compiler and CPU
+(`$KLEIN_JAX_KERNEL_CACHE`, else `$XDG_CACHE_HOME/klein-jax/kernels`, else ~/.cache/klein-jax/kernels). The first
+build takes a few seconds; later processes load the library. Without a compiler (or with KLEIN_JAX_CPU_KERNEL=0) the
+"fused" backend is unavailable and CPU float32 attention stays on "chunked"; `unavailable_reason()` says why.
+
+Gradients: the kernel has no backward; jax.grad runs "chunked"'s (a custom_vjp that recomputes the forward in XLA).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import pathlib
+import platform
+import shutil
+import subprocess
+import tempfile
+
+import jax
+import jax.numpy as jnp
+
+log = logging.getLogger(__name__)
+
+SOURCE = pathlib.Path(__file__).with_name("cpu_attention.cc")
+TARGET = "klein_cpu_attention"  # the FFI target name XLA's custom call carries
+SYMBOL = "KleinCpuAttention"  # the handler the library exports
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread")
+LANES = 16  # the kernel's vector width in floats: head dims must be multiples of it
+DISABLE_ENV = "KLEIN_JAX_CPU_KERNEL"  # "0": never build or use the kernel
+
+
+def cache_folder() -> pathlib.Path:
+    """Where built kernels are kept: $KLEIN_JAX_KERNEL_CACHE, $XDG_CACHE_HOME/klein-jax/kernels or ~/.cache/..."""
+    if os.environ.get("KLEIN_JAX_KERNEL_CACHE"):
+        return pathlib.Path(os.environ["KLEIN_JAX_KERNEL_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
+    return pathlib.Path(base) / "klein-jax" / "kernels"
+
+
+def find_compiler() -> str | None:
+    """$CXX, else the first of c++, g++, clang++ on PATH."""
+    if os.environ.get("CXX"):
+        return shutil.which(os.environ["CXX"])
+    return next((path for name in ("c++", "g++", "clang++") if (path := shutil.which(name))), None)
+
+
+def _cpu_signature() -> str:
+    """The host CPU's model and feature flags (-march=native code must not run on another CPU)."""
+    try:
+        lines = pathlib.Path("/proc/cpuinfo").read_text().splitlines()
+        return "\n".join(sorted({line for line in lines if line.startswith(("model name", "flags"))}))
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def build(compiler: str, folder: pathlib.Path | None = None) -> pathlib.Path:
+    """Compiles the kernel into `folder` (cache_folder()) unless a build of this source for this host is there.
+
+    Returns the shared library's path; a failed compilation is a RuntimeError carrying the compiler's output.
+    """
+    import jaxlib
+
+    folder = folder or cache_folder()
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), jaxlib.__version__, compiler, " ".join(FLAGS),
+                                    _cpu_signature()]).encode()).hexdigest()[:16]
+    library = folder / f"cpu_attention-{key}.so"
+    if library.exists():
+        return library
+    folder.mkdir(parents=True, exist_ok=True)
+    log.info("building the fused CPU attention kernel (once per machine) into %s", library)
+    with tempfile.TemporaryDirectory(dir=folder) as scratch:
+        partial = pathlib.Path(scratch) / library.name
+        command = [compiler, *FLAGS, "-I", jax.ffi.include_dir(), str(SOURCE), "-o", str(partial)]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}):\n{done.stderr[-4000:]}")
+        os.replace(partial, library)  # atomic: a concurrent process sees no library or a whole one
+    return library
+
+
+@functools.cache
+def _load() -> str | None:
+    """Builds (if needed), loads and registers the kernel once per process; None if it is available, else why not."""
+    if os.environ.get(DISABLE_ENV, "1") == "0":
+        return f"disabled by {DISABLE_ENV}=0"
+    if platform.machine().lower() not in ("x86_64", "amd64", "aarch64", "arm64"):
+        return f"no kernel for {platform.machine()}"
+    compiler = find_compiler()
+    if compiler is None:
+        return "no C++ compiler found ($CXX, c++, g++, clang++)"
+    try:
+        library = ctypes.cdll.LoadLibrary(str(build(compiler)))
+        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(getattr(library, SYMBOL)), platform="cpu")
+    except (OSError, RuntimeError, AttributeError) as error:
+        log.warning("the fused CPU attention kernel is unavailable, attention stays on 'chunked': %s", error)
+        return str(error)
+    return None
+
+
+def unavailable_reason() -> str | None:
+    """None if the kernel can run in this process, else why it cannot (building it on first call)."""
+    return _load()
+
+
+def available() -> bool:
+    """Whether the kernel can run here (builds it on first call)."""
+    return _load() is None
+
+
+def supports(q, k) -> bool:
+    """Whether the kernel takes these operands: float32 (B, S, H, Dh), Dh a multiple of 16, K dividing H."""
+    return (q.ndim == 4 and k.ndim == 4 and q.dtype == jnp.float32 and k.dtype == jnp.float32
+            and q.shape[-1] % LANES == 0 and q.shape[2] % k.shape[2] == 0)
+
+
+def _call(q, k, v, lengths):
+    return jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(q.shape, q.dtype), vmap_method="sequential")(q, k, v, lengths)
+
+
+@jax.custom_vjp
+def _attention(q, k, v, lengths):
+    return _call(q, k, v, lengths)
+
+
+def _forward(q, k, v, lengths):
+    return _call(q, k, v, lengths), (q, k, v, lengths)
+
+
+def _backward(residuals, cotangent):
+    from klein_jax.models.attention import chunked_attention
+
+    q, k, v, lengths = residuals
+    _, pullback = jax.vjp(lambda q, k, v: chunked_attention(q, k, v, lengths), q, k, v)
+    return (*pullback(cotangent), None)
+
+
+_attention.defvjp(_forward, _backward)
+
+
+def fused_attention(q, k, v, key_value_seq_lengths=None):
+    """Softmax attention through the kernel: q (B, Sq, H, Dh), k and v (B, Skv, K, Dh) float32 (supports()), scale
+    1/sqrt(Dh); key_value_seq_lengths (B,) attends only the first n[b] keys (a row of none weighs all alike)."""
+    reason = unavailable_reason()
+    if reason is not None:
+        raise RuntimeError(f"the fused CPU attention kernel is unavailable: {reason}")
+    if not supports(q, k) or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"attention 'fused' takes float32 q (B, Sq, H, Dh) and k, v (B, Skv, K, Dh) with Dh a "
+                         f"multiple of {LANES} and K dividing H; got {q.shape} {q.dtype}, {k.shape} {k.dtype}")
+    lengths = (jnp.full((q.shape[0],), k.shape[1], jnp.int32) if key_value_seq_lengths is None
+               else jnp.asarray(key_value_seq_lengths, jnp.int32))
+    return _attention(q, k, v, lengths)
