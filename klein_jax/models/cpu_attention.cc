@@ -28,7 +28,8 @@ typedef int32_t i16 __attribute__((vector_size(64), aligned(4)));
 
 constexpr int kLanes = 16;
 constexpr int kKeyTile = 32;  // keys per packed tile of K^T: two vectors per query row in the logits' kernel
-constexpr int kRows = 8;      // query rows per register block (16 vector accumulators)
+constexpr int kRows = 8;      // query rows per register block of the logits (8 x 2 vector accumulators)
+constexpr int kValueRows = 6;  // query rows per register block of the values' product (6 x 4 accumulators)
 constexpr int kSumRun = 128;  // keys summed in registers before a partial sum joins the total (accuracy)
 constexpr float kFill = -0.7f * 3.40282347e38f;  // a masked key's logit: jax's XLA attention's
 
@@ -82,20 +83,38 @@ struct Shape {
   int64_t key_tiles() const { return (keys + kKeyTile - 1) / kKeyTile; }
 };
 
-// K (B, Skv, K, Dh) -> per (b, kv head): tiles of 32 keys, each Dh rows of 32 floats (K^T, zero past Skv).
+// rows[0..15] transposed in registers: four rounds of swapping the off-diagonal b x b blocks (b = 8, 4, 2, 1).
+inline void transpose16(v16 rows[kLanes]) {
+  for (int b = 8; b >= 1; b /= 2) {
+    i16 low, high;  // __builtin_shuffle of two vectors: indices 0-15 the first, 16-31 the second
+    for (int p = 0; p < kLanes; ++p) {
+      low[p] = (p & b) ? kLanes + p - b : p;
+      high[p] = (p & b) ? kLanes + p : p + b;
+    }
+    for (int i = 0; i < kLanes; ++i) {
+      if (i & b) continue;
+      v16 a = rows[i], c = rows[i + b];
+      rows[i] = __builtin_shuffle(a, c, low);
+      rows[i + b] = __builtin_shuffle(a, c, high);
+    }
+  }
+}
+
+// K (B, Skv, K, Dh) -> per (b, kv head): tiles of 32 keys, each Dh rows of 32 floats (K^T, zero past Skv), written
+// as 16 x 16 blocks transposed in registers.
 void pack_keys(const float* k, float* packed, const Shape& s, int64_t bk) {
   int64_t b = bk / s.kv_heads, kh = bk % s.kv_heads;
   float* out = packed + bk * s.key_tiles() * s.head_dim * kKeyTile;
-  for (int64_t t = 0; t < s.key_tiles(); ++t) {
-    float* tile = out + t * s.head_dim * kKeyTile;
-    for (int64_t c = 0; c < kKeyTile; ++c) {
-      int64_t j = t * kKeyTile + c;
-      if (j >= s.keys) {
-        for (int64_t d = 0; d < s.head_dim; ++d) tile[d * kKeyTile + c] = 0.0f;
-        continue;
+  for (int64_t first = 0; first < s.key_tiles() * kKeyTile; first += kLanes) {  // 16 keys: half a tile
+    float* half = out + first / kKeyTile * s.head_dim * kKeyTile + first % kKeyTile;
+    for (int64_t d = 0; d < s.head_dim; d += kLanes) {
+      v16 rows[kLanes];
+      for (int i = 0; i < kLanes; ++i) {
+        int64_t j = first + i;
+        rows[i] = j < s.keys ? load(k + ((b * s.keys + j) * s.kv_heads + kh) * s.head_dim + d) : v16{};
       }
-      const float* row = k + ((b * s.keys + j) * s.kv_heads + kh) * s.head_dim;
-      for (int64_t d = 0; d < s.head_dim; ++d) tile[d * kKeyTile + c] = row[d];
+      transpose16(rows);
+      for (int i = 0; i < kLanes; ++i) store(half + (d + i) * kKeyTile, rows[i]);
     }
   }
 }
@@ -107,15 +126,20 @@ void pack_values(const float* v, float* packed, const Shape& s, int64_t bk) {
   float* out = packed + bk * blocks * s.keys * kKeyTile;
   for (int64_t j = 0; j < s.keys; ++j) {
     const float* row = v + ((b * s.keys + j) * s.kv_heads + kh) * s.head_dim;
-    for (int64_t c = 0; c < blocks * kKeyTile; ++c)
-      out[(c / kKeyTile * s.keys + j) * kKeyTile + c % kKeyTile] = c < s.head_dim ? row[c] : 0.0f;
+    for (int64_t c = 0; c < s.head_dim; c += kLanes)  // head_dim is a multiple of 16: whole vectors
+      store(out + (c / kKeyTile * s.keys + j) * kKeyTile + c % kKeyTile, load(row + c));
+    if (s.head_dim % kKeyTile) store(out + ((blocks - 1) * s.keys + j) * kKeyTile + kLanes, v16{});
   }
 }
 
-// logits[r][t*32 .. t*32+31] = q_r . k_j for R rows of queries (row stride q_stride) and key tiles [0, tiles).
+// logits[r][t*32 .. t*32+31] = q_r . k_j for R rows of queries (row stride q_stride) and key tiles [0, tiles);
+// row_max[r]: the largest logit of the first `full_tiles` tiles (the rest may hold padding keys), saving the
+// softmax a pass over the row.
 template <int R>
-void logits_block(const float* q, int64_t q_stride, const float* packed, int64_t tiles, int64_t head_dim,
-                  float* logits, int64_t logits_stride) {
+void logits_block(const float* q, int64_t q_stride, const float* packed, int64_t tiles, int64_t full_tiles,
+                  int64_t head_dim, float* logits, int64_t logits_stride, float* row_max) {
+  v16 best[R];
+  for (int r = 0; r < R; ++r) best[r] = splat(-INFINITY);
   for (int64_t t = 0; t < tiles; ++t) {
     const float* tile = packed + t * head_dim * kKeyTile;
     v16 acc[R][2];
@@ -131,15 +155,26 @@ void logits_block(const float* q, int64_t q_stride, const float* packed, int64_t
     for (int r = 0; r < R; ++r) {
       store(logits + r * logits_stride + t * kKeyTile, acc[r][0]);
       store(logits + r * logits_stride + t * kKeyTile + kLanes, acc[r][1]);
+      if (t < full_tiles) {
+        v16 larger = acc[r][0] > acc[r][1] ? acc[r][0] : acc[r][1];
+        best[r] = best[r] > larger ? best[r] : larger;
+      }
     }
+  }
+  for (int r = 0; r < R; ++r) {
+    float m = -INFINITY;
+    for (int l = 0; l < kLanes; ++l) m = std::max(m, best[r][l]);
+    row_max[r] = m;
   }
 }
 
 // out[r][column .. column + 16 C) = sum_j weights[r][j] v_j[column ..] / sums[r] for R rows over keys [0, active);
-// v: the column's packed block, 32 floats per key.
+// v: the packed values from `column` on (blocks of 32 columns, `keys` rows of 32 floats each).
 template <int R, int C>
-void values_block(const float* weights, int64_t weights_stride, const float* v, int64_t active, int64_t column,
-                  const float* sums, float* out, int64_t out_stride) {
+void values_block(const float* weights, int64_t weights_stride, const float* v, int64_t keys, int64_t active,
+                  int64_t column, const float* sums, float* out, int64_t out_stride) {
+  const float* lanes[C];  // where vector c of key 0 lies
+  for (int c = 0; c < C; ++c) lanes[c] = v + (c / 2) * keys * kKeyTile + (c % 2) * kLanes;
   v16 total[R][C];  // the sums of each run of kSumRun keys' products: a float32 error like XLA's blocked dots'
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) total[r][c] = v16{};
@@ -149,7 +184,7 @@ void values_block(const float* weights, int64_t weights_stride, const float* v, 
       for (int c = 0; c < C; ++c) acc[r][c] = v16{};
     for (int64_t j = start, end = std::min(active, start + kSumRun); j < end; ++j) {
       v16 vj[C];
-      for (int c = 0; c < C; ++c) vj[c] = load(v + j * kKeyTile + c * kLanes);
+      for (int c = 0; c < C; ++c) vj[c] = load(lanes[c] + j * kKeyTile);
       for (int r = 0; r < R; ++r) {
         float w = weights[r * weights_stride + j];
         for (int c = 0; c < C; ++c) acc[r][c] += w * vj[c];
@@ -162,25 +197,31 @@ void values_block(const float* weights, int64_t weights_stride, const float* v, 
     for (int c = 0; c < C; ++c) store(out + r * out_stride + column + c * kLanes, total[r][c] / sums[r]);
 }
 
-// v: the packed values of one (b, kv head), keys padded to `keys`.
+// All head_dim columns for R rows: 64 at a time (6 x 4 accumulators), then 32, then 16.
 template <int R>
 void values_rows(const float* weights, int64_t weights_stride, const float* v, int64_t keys, int64_t active,
                  int64_t head_dim, const float* sums, float* out, int64_t out_stride) {
   int64_t column = 0;
-  for (; column + 2 * kLanes <= head_dim; column += 2 * kLanes)
-    values_block<R, 2>(weights, weights_stride, v + column * keys, active, column, sums, out, out_stride);
+  for (; column + 4 * kLanes <= head_dim; column += 4 * kLanes)
+    values_block<R, 4>(weights, weights_stride, v + column * keys, keys, active, column, sums, out, out_stride);
+  if (column + 2 * kLanes <= head_dim) {
+    values_block<R, 2>(weights, weights_stride, v + column * keys, keys, active, column, sums, out, out_stride);
+    column += 2 * kLanes;
+  }
   if (column < head_dim)
-    values_block<R, 1>(weights, weights_stride, v + column * keys, active, column, sums, out, out_stride);
+    values_block<R, 1>(weights, weights_stride, v + column * keys, keys, active, column, sums, out, out_stride);
 }
 
+// A partial block (rows < R) goes to the matching instantiation.
 template <int R>
-void logits_rows(const float* q, int64_t q_stride, const float* packed, int64_t tiles, int64_t head_dim,
-                 float* logits, int64_t logits_stride, int rows) {
-  // Dispatch a partial block (rows < R) to the matching instantiation.
+void logits_rows(const float* q, int64_t q_stride, const float* packed, int64_t tiles, int64_t full_tiles,
+                 int64_t head_dim, float* logits, int64_t logits_stride, int rows, float* row_max) {
   if constexpr (R > 1) {
-    if (rows < R) return logits_rows<R - 1>(q, q_stride, packed, tiles, head_dim, logits, logits_stride, rows);
+    if (rows < R)
+      return logits_rows<R - 1>(q, q_stride, packed, tiles, full_tiles, head_dim, logits, logits_stride, rows,
+                                row_max);
   }
-  logits_block<R>(q, q_stride, packed, tiles, head_dim, logits, logits_stride);
+  logits_block<R>(q, q_stride, packed, tiles, full_tiles, head_dim, logits, logits_stride, row_max);
 }
 
 template <int R>
@@ -194,11 +235,12 @@ void values_dispatch(const float* weights, int64_t weights_stride, const float* 
 }
 
 // Softmax of one row of logits over [0, active) in place (unnormalised weights); returns the weights' sum.
-float softmax_row(float* row, int64_t active, float scale) {
-  v16 vmax = splat(-INFINITY);
-  int64_t j = 0;
+// known_max: the largest logit before `from` (the logits' kernel found it).
+float softmax_row(float* row, int64_t active, float scale, float known_max, int64_t from) {
+  v16 vmax = splat(known_max);
+  int64_t j = from;
   for (; j + kLanes <= active; j += kLanes) vmax = vmax > load(row + j) ? vmax : load(row + j);
-  float m = -INFINITY;
+  float m = known_max;
   for (int l = 0; l < kLanes; ++l) m = std::max(m, vmax[l]);
   for (; j < active; ++j) m = std::max(m, row[j]);
   v16 vsum{}, run{};  // per lane, runs of kSumRun / 16 weights summed before joining the total (accuracy)
@@ -273,18 +315,27 @@ ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<
     const float* pk = packed + (b * s.kv_heads + kh) * tiles * s.head_dim * kKeyTile;
     const float* v0 = packed_values + (b * s.kv_heads + kh) * column_blocks * s.keys * kKeyTile;
     float* o0 = op + (b * s.queries + first) * q_stride + h * s.head_dim;
-    int64_t active_tiles = (active + kKeyTile - 1) / kKeyTile;
-    float sums[kRows];
-    for (int64_t r0 = 0; r0 < rows; r0 += kRows) {
+    int64_t active_tiles = (active + kKeyTile - 1) / kKeyTile, full_tiles = length > 0 ? active / kKeyTile : 0;
+    thread_local std::vector<float> sums;
+    sums.resize(block);
+    for (int64_t r0 = 0; r0 < rows; r0 += kRows) {  // the block's logits and softmax weights
       int r = static_cast<int>(std::min<int64_t>(kRows, rows - r0));
       float* lg = logits.data() + r0 * padded;
+      float row_max[kRows];
       if (length > 0) {
-        logits_rows<kRows>(q0 + r0 * q_stride, q_stride, pk, active_tiles, s.head_dim, lg, padded, r);
+        logits_rows<kRows>(q0 + r0 * q_stride, q_stride, pk, active_tiles, full_tiles, s.head_dim, lg, padded, r,
+                           row_max);
       } else {
         for (int i = 0; i < r; ++i) std::fill(lg + i * padded, lg + i * padded + active, kFill);
+        std::fill(row_max, row_max + r, -INFINITY);
       }
-      for (int i = 0; i < r; ++i) sums[i] = softmax_row(lg + i * padded, active, scale);
-      values_dispatch<kRows>(lg, padded, v0, s.keys, active, s.head_dim, sums, o0 + r0 * q_stride, q_stride, r);
+      for (int i = 0; i < r; ++i) sums[r0 + i] = softmax_row(lg + i * padded, active, scale, row_max[i],
+                                                             full_tiles * kKeyTile);
+    }
+    for (int64_t r0 = 0; r0 < rows; r0 += kValueRows) {  // then the values' product
+      int r = static_cast<int>(std::min<int64_t>(kValueRows, rows - r0));
+      values_dispatch<kValueRows>(logits.data() + r0 * padded, padded, v0, s.keys, active, s.head_dim,
+                                  sums.data() + r0, o0 + r0 * q_stride, q_stride, r);
     }
   });
   return ffi::Error::Success();
