@@ -44,11 +44,12 @@ class GroupNorm(nnx.Module):
         valid = None if mask is None else mask.reshape(mask.shape[0], -1, 1)  # (B|1, ..., 1) -> (B|1, N, 1)
         count = x32.shape[1] if valid is None else jnp.sum(valid, axis=1, keepdims=True)  # positions: N or (B|1, 1, 1)
         mean = self._group_mean(_position_sum(x32, valid), count)  # (B, 1, C)
-        centred = x32 - mean
-        var = self._group_mean(_position_sum(jnp.square(centred), valid), count)  # two-pass, biased, as torch
-        y = (centred * jax.lax.rsqrt(var + self.eps)).reshape(x.shape)  # (B, N, C) -> (B, ..., C)
-        y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
-        return y.astype(self.dtype)
+        var = self._group_mean(_position_sum(jnp.square(x32 - mean), valid), count)  # two-pass, biased, as torch
+        # x * a + c per channel, torch's CPU kernel's form: x - mean is then only the variance's, and XLA fuses it
+        # into that reduction instead of writing it out for the normalisation too.
+        a = jax.lax.rsqrt(var + self.eps) * self.scale[...].astype(jnp.float32)  # (B, 1, C)
+        c = self.bias[...].astype(jnp.float32) - mean * a
+        return (x32 * a + c).reshape(x.shape).astype(self.dtype)  # (B, N, C) -> (B, ..., C)
 
     def _group_mean(self, sums: jax.Array, count) -> jax.Array:
         """Per-channel sums (B, C) over `count` positions -> each channel's group mean (B, 1, C)."""
