@@ -6,11 +6,12 @@ first product to the last (docs/benchmarks.md: the medium benchmark's attention 
 "chunked" backend's function (attention.chunked_attention: flash attention's order, float32) on jax's (B, S, H, Dh)
 layout, with key_value_seq_lengths.
 
-It is C++ built from source with the host's compiler (`$CXX`, else c++ / g++ / clang++; -O3 -march=native) against
-the XLA FFI headers jax ships, into a cache folder keyed by the source, jaxlib version, compiler and CPU
-(`$KLEIN_JAX_KERNEL_CACHE`, else `$XDG_CACHE_HOME/klein-jax/kernels`, else ~/.cache/klein-jax/kernels). The first
-build takes a few seconds; later processes load the library. Without a compiler (or with KLEIN_JAX_CPU_KERNEL=0) the
-"fused" backend is unavailable and CPU float32 attention stays on "chunked"; `unavailable_reason()` says why.
+It is C++ written with GCC's vector extensions, built from source with the host's compiler (`$CXX`, else g++, c++ or
+clang++; -O3 -march=native) against the XLA FFI headers jax ships, into a cache folder keyed by the source, jaxlib
+version, compiler and CPU (`$KLEIN_JAX_KERNEL_CACHE`, else `$XDG_CACHE_HOME/klein-jax/kernels`, else
+~/.cache/klein-jax/kernels). The first build takes a few seconds; later processes load the library. Without a
+compiler that builds it (GCC; clang is untested), or with KLEIN_JAX_CPU_KERNEL=0, the "fused" backend is unavailable
+and CPU float32 attention stays on "chunked"; `unavailable_reason()` says why.
 
 Gradients: the kernel has no backward; jax.grad runs "chunked"'s (a custom_vjp that recomputes the forward in XLA).
 """
@@ -50,10 +51,10 @@ def cache_folder() -> pathlib.Path:
 
 
 def find_compiler() -> str | None:
-    """$CXX, else the first of c++, g++, clang++ on PATH."""
+    """$CXX, else the first of g++, c++, clang++ on PATH."""
     if os.environ.get("CXX"):
         return shutil.which(os.environ["CXX"])
-    return next((path for name in ("c++", "g++", "clang++") if (path := shutil.which(name))), None)
+    return next((path for name in ("g++", "c++", "clang++") if (path := shutil.which(name))), None)
 
 
 def _cpu_signature() -> str:
