@@ -2,9 +2,6 @@
 and the "chunked" backend, with grouped heads and key lengths; gradients; the build cache and its failures; the
 default CPU program really calling it."""
 
-import os
-import pathlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -150,4 +147,3 @@ def test_cache_folder_follows_the_environment(monkeypatch, tmp_path):
     assert cpu_attention.cache_folder() == tmp_path / "klein-jax" / "kernels"
     monkeypatch.setenv("CXX", "/nonexistent/c++")
     assert cpu_attention.find_compiler() is None
-    assert os.path.isabs(pathlib.Path(cpu_attention.SOURCE))

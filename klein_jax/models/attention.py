@@ -10,8 +10,9 @@ A module picks its backend when it is built (`attention_implementation`) or is s
 - "chunked": the same function (jax's XLA ops in flash attention's order: scaled inside the exponential,
   normalised after the values) in query chunks (chunk_queries: 64 to 512 queries), one per loop iteration, as 3-d
   batched dots, so that a chunk's logits stay in the CPU's cache instead of streaming the whole (B, H, Sq, Skv)
-  array through memory several times; the default on CPU (3x faster than "xla" on the medium benchmark's attention,
-  docs/benchmarks.md). Takes a (B, 1, Sq, Skv) mask= (the text encoder's); is_causal= falls back to "xla".
+  array through memory several times; the default on CPU in bfloat16, and in float32 where "fused" is unavailable
+  (3x faster than "xla" on the medium benchmark's attention, docs/benchmarks.md). Takes a (B, 1, Sq, Skv) mask= (the
+  text encoder's); is_causal= falls back to "xla".
 - "fused": "chunked"'s function in one XLA FFI custom call (cpu_attention.py / cpu_attention.cc, built on first use
   with the host's C++ compiler): each block of queries' logits stays in the core's cache from the first product to the
   last; the default on CPU for float32 when it builds. Head dims that are not multiples of 16, other dtypes and
