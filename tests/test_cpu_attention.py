@@ -98,9 +98,9 @@ def test_default_float32_cpu_program_calls_the_kernel():
     graphdef, state = nnx.split(model)
     rng = np.random.default_rng(1)
     tokens, text = 16, 8
-    inputs = dict(hidden_states=jnp.asarray(rng.standard_normal((1, tokens, TINY_TRANSFORMER.in_channels)), jnp.float32),
-                  encoder_hidden_states=jnp.asarray(rng.standard_normal(
-                      (1, text, TINY_TRANSFORMER.joint_attention_dim)), jnp.float32),
+    image = rng.standard_normal((1, tokens, TINY_TRANSFORMER.in_channels))
+    prompt = rng.standard_normal((1, text, TINY_TRANSFORMER.joint_attention_dim))
+    inputs = dict(hidden_states=jnp.asarray(image, jnp.float32), encoder_hidden_states=jnp.asarray(prompt, jnp.float32),
                   timestep=jnp.ones((1,)), img_ids=jnp.zeros((tokens, 4), jnp.int32),
                   txt_ids=jnp.zeros((text, 4), jnp.int32))
     forward = jax.jit(lambda s: nnx.merge(graphdef, s)(**inputs))
