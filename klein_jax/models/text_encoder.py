@@ -14,7 +14,7 @@ from flax import nnx
 
 from klein_jax.configs import TextEncoderConfig
 from klein_jax.models import matmul
-from klein_jax.models.layers import RMSNorm, attention_implementation, dot_product_attention, rms_normalize
+from klein_jax.models.layers import RMSNorm, dot_product_attention, rms_normalize
 
 
 def rope_cos_sin(num_tokens: int, head_dim: int, theta: float, dtype) -> tuple[jax.Array, jax.Array]:
@@ -63,7 +63,7 @@ class Qwen3Attention(nnx.Module):
         linear = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, dot_general=matmul.dot_general, rngs=rngs)
         self.num_heads, self.num_kv_heads, self.head_dim = H, K, Dh
         # the explicit mask takes XLA's path, or its chunked form on CPU (cuDNN and Pallas take lengths only)
-        self.mask_attention = "chunked" if attention_implementation(dtype) in ("chunked", "fused") else "xla"
+        self.mask_attention = "chunked" if jax.default_backend() == "cpu" else "xla"
         self.q_proj = nnx.Linear(D, H * Dh, **linear)
         self.k_proj = nnx.Linear(D, K * Dh, **linear)
         self.v_proj = nnx.Linear(D, K * Dh, **linear)
