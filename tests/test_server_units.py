@@ -370,9 +370,13 @@ def test_worker_drain_refuses_what_cannot_finish_and_runs_the_rest():
     async def go():
         await worker.submit("m", pipe.prepare("measure", seed=0)).future
         jobs = [worker.submit("m", pipe.prepare(f"p{i}", seed=i)) for i in range(4)]
-        await asyncio.to_thread(time.sleep, 0.05)
-        # the running one ends in ~0.55 s, the next at ~1.15 s, the third at ~1.75 s: 0.3 s of slack either way
-        worker.drain(time.perf_counter() + 1.45)
+        while jobs[0].started_s is None:
+            await asyncio.sleep(0.005)
+        # The deadline counts in measured batch times from the running job's start, so that the drain's own
+        # arithmetic (not the machine's load) decides: the running one ends at 1 x, the next at 2 x (kept), the
+        # third at 3 x (refused now). The next one's start may be late by 0.9 x (~0.54 s) and still fit.
+        measured_s = worker._batch_time(jobs[0].key)
+        worker.drain(jobs[0].started_s + 2.9 * measured_s)
         with pytest.raises(WorkerStopped):
             worker.submit("m", pipe.prepare("new", seed=7))
         return await asyncio.gather(*(job.future for job in jobs), return_exceptions=True)
