@@ -17,17 +17,20 @@ from klein_jax.models.attention import attention_implementation, chunked_attenti
 pytestmark = pytest.mark.skipif(not cpu_attention.available(), reason=f"no kernel: {cpu_attention._load()}")
 
 
-def exact_attention(q, k, v, lengths=None):
+def exact_attention(q, k, v, lengths=None, causal=False):
     """Softmax attention in float64 numpy: (B, Sq, H, Dh), k and v (B, Skv, K, Dh); keys past n[b] masked (a row of
-    none weighs every key alike, as jax's XLA attention)."""
+    none weighs every key alike, as jax's XLA attention), and with causal=True the keys after the query's index."""
     q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
     B, Sq, H, Dh = q.shape
     group = H // k.shape[2]
     k, v = np.repeat(k, group, axis=2), np.repeat(v, group, axis=2)
     logits = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(Dh)
+    keep = np.ones((B, 1, Sq, k.shape[1]), bool)
     if lengths is not None:
-        keep = np.arange(k.shape[1])[None, :] < np.asarray(lengths)[:, None]  # (B, Skv)
-        logits = np.where(keep[:, None, None, :], logits, np.where(keep.any(-1)[:, None, None, None], -np.inf, 0.0))
+        keep = keep & (np.arange(k.shape[1])[None, :] < np.asarray(lengths)[:, None])[:, None, None, :]
+    if causal:
+        keep = keep & np.tri(Sq, k.shape[1], dtype=bool)
+    logits = np.where(keep, logits, np.where(keep.any(-1, keepdims=True), -np.inf, 0.0))
     weights = np.exp(logits - logits.max(-1, keepdims=True))
     return np.einsum("bhqk,bkhd->bqhd", weights / weights.sum(-1, keepdims=True), v)
 
@@ -39,28 +42,34 @@ def operands(rng, B, Sq, H, K, Dh, Skv, spread=2.0):
     return tuple(jnp.asarray(x, jnp.float32) for x in (q, k, v))
 
 
-@pytest.mark.parametrize("B,Sq,H,K,Dh,Skv,lengths", [
-    (1, 1536, 4, 4, 64, 1536, None),  # the medium benchmark's attention
-    (2, 300, 8, 2, 32, 257, (257, 85)),  # grouped heads, keys not a multiple of the 32-key tile, one row padded
-    (2, 37, 4, 4, 16, 70, (0, 3)),  # a row of no key, a row of three; odd queries (a partial block of 8 rows)
-    (1, 50, 1, 1, 128, 4100, None),  # one wide head (the VAE's), more keys than one logits block holds rows for
+@pytest.mark.parametrize("B,Sq,H,K,Dh,Skv,lengths,causal", [
+    (1, 1536, 4, 4, 64, 1536, None, False),  # the medium benchmark's attention
+    (2, 300, 8, 2, 32, 257, (257, 85), False),  # grouped heads, keys not a multiple of the 32-key tile, a row padded
+    (2, 37, 4, 4, 16, 70, (0, 3), False),  # a row of no key, a row of three; odd queries (a partial block of 8 rows)
+    (1, 50, 1, 1, 128, 4100, None, False),  # one wide head (the VAE's), more keys than one logits block holds rows for
+    (2, 512, 4, 2, 16, 512, (37, 512), True),  # the text encoder's: causal, padding at the end, grouped heads
+    (1, 200, 2, 1, 64, 200, (130,), True),  # rows of one block see different tiles; rows past 130 see 130 keys
 ])
-def test_matches_exact_attention_as_closely_as_chunked(B, Sq, H, K, Dh, Skv, lengths):
+def test_matches_exact_attention_as_closely_as_chunked(B, Sq, H, K, Dh, Skv, lengths, causal):
     rng = np.random.default_rng(Sq + Skv)
     q, k, v = operands(rng, B, Sq, H, K, Dh, Skv)
     n = None if lengths is None else jnp.asarray(lengths, jnp.int32)
-    exact = exact_attention(q, k, v, lengths)
-    fused = jax.jit(cpu_attention.fused_attention)(q, k, v, n)
-    chunked = jax.jit(chunked_attention)(q, k, v, n)
-    xla = jax.jit(lambda q, k, v, n: jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=n))(q, k, v, n)
+    exact = exact_attention(q, k, v, lengths, causal)
+    fused = jax.jit(lambda q, k, v, n: cpu_attention.fused_attention(q, k, v, n, is_causal=causal))(q, k, v, n)
+    mask = jnp.tril(jnp.ones((Sq, Skv), bool))[None, None] if causal else None
+    chunked = jax.jit(lambda q, k, v, n: chunked_attention(q, k, v, n, mask=mask))(q, k, v, n)
+    xla = jax.jit(lambda q, k, v, n: jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=n,
+                                                                  is_causal=causal))(q, k, v, n)
     scale = np.abs(exact).max()
     errors = [np.abs(np.asarray(x, np.float64) - exact).max() / scale for x in (fused, chunked, xla)]
     # float32 error, as XLA's own: (peaked softmaxes of logits ~50 amplify the logits' rounding to ~1e-6)
     assert errors[0] <= 5e-6 and errors[0] <= 3 * max(errors[1:]), errors
     assert_close(fused, chunked, rel=5e-6, name="fused vs chunked")
     if lengths is not None:  # the lengths matter: the unmasked result is far from it
-        unmasked = exact_attention(q, k, v)
+        unmasked = exact_attention(q, k, v, causal=causal)
         assert np.abs(unmasked - exact).max() > 100 * 2e-6 * scale
+    if causal:  # and so does the causal mask
+        assert np.abs(exact_attention(q, k, v, lengths) - exact).max() > 100 * 2e-6 * scale
 
 
 def test_masked_keys_do_not_leak():
@@ -75,17 +84,20 @@ def test_masked_keys_do_not_leak():
     assert np.abs(np.asarray(before[1] - after[1])).max() == 0.0  # row 1 has no masked keys and no changed ones
 
 
-def test_gradients_are_chunked_attentions():
+@pytest.mark.parametrize("causal", [False, True])
+def test_gradients_are_chunked_attentions(causal):
     rng = np.random.default_rng(1)
     q, k, v = operands(rng, 1, 64, 4, 2, 32, 80)
     n = jnp.asarray([70], jnp.int32)
     cotangent = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
+    mask = jnp.tril(jnp.ones((64, 80), bool))[None, None] if causal else None
 
     def loss(fn):
-        return lambda q, k, v: jnp.sum(fn(q, k, v, n) * cotangent)
+        return lambda q, k, v: jnp.sum(fn(q, k, v) * cotangent)
 
-    got = jax.grad(loss(cpu_attention.fused_attention), argnums=(0, 1, 2))(q, k, v)
-    want = jax.grad(loss(chunked_attention), argnums=(0, 1, 2))(q, k, v)
+    fused = loss(lambda q, k, v: cpu_attention.fused_attention(q, k, v, n, is_causal=causal))
+    got = jax.grad(fused, argnums=(0, 1, 2))(q, k, v)
+    want = jax.grad(loss(lambda q, k, v: chunked_attention(q, k, v, n, mask=mask)), argnums=(0, 1, 2))(q, k, v)
     for name, g, w in zip("qkv", got, want):
         assert_close(g, w, rel=1e-6, name=f"d{name}")
 

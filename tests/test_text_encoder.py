@@ -1,7 +1,9 @@
 """Qwen3TextEncoder + PromptTokenizer against Flux2KleinPipeline.encode_prompt on a tiny random Qwen3ForCausalLM."""
 
 import copy
+import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -17,7 +19,8 @@ from klein_jax.loading.keymap import map_weights
 from klein_jax.loading.safetensors import ShardedCheckpoint
 from klein_jax.configs import TINY_TEXT_ENCODER, TextEncoderConfig
 from klein_jax.latents import text_ids
-from klein_jax.models.text_encoder import Qwen3TextEncoder, apply_rope, attention_mask_4d, rotate_half
+from klein_jax.models import cpu_attention
+from klein_jax.models.text_encoder import Qwen3TextEncoder, apply_rope, attention_mask_4d, rotate_half, text_mask
 from klein_jax.demo_tokenizer import build_demo_tokenizer, save_tokenizer_folder
 from klein_jax.tokenizer import PromptTokenizer
 
@@ -129,6 +132,51 @@ def test_any_mask_matches_transformers(setup):
     hidden = _reference_hidden_states(setup["ref"], input_ids, attention_mask)
     want = torch.cat([hidden[k] for k in setup["out_layers"]], dim=-1).numpy()
     assert_close(_forward(setup["ours"], input_ids, attention_mask), want, rel=1e-5)
+
+
+def test_text_mask_knows_padding_at_the_end():
+    def at_end(rows):
+        return bool(text_mask(jnp.asarray(rows, jnp.int32)).padding_at_end)
+
+    assert at_end([[1, 1, 0], [1, 1, 1]]) and at_end([[1, 0, 0]])
+    assert not at_end([[1, 1, 0], [0, 1, 1]])  # one row left-padded
+    assert not at_end([[1, 0, 1]]) and not at_end([[1, 1, 0], [0, 0, 0]])  # a hole; a row of no token
+    mask = text_mask(jnp.asarray([[1, 1, 0], [0, 0, 0]], jnp.int32))
+    np.testing.assert_array_equal(mask.lengths, [2, 0])
+    np.testing.assert_array_equal(mask.has_key, [[1, 1, 1], [0, 0, 0]])
+
+
+@pytest.mark.skipif(not cpu_attention.available(), reason=f"no kernel: {cpu_attention._load()}")
+def test_fused_kernel_path_matches_transformers():
+    """Head dim 16 (as the medium benchmark's; Qwen3-4B's is 128): float32 CPU attention runs the fused kernel as
+    causal + lengths when every row's padding is at the end, and the dense mask otherwise; both equal transformers."""
+    t = dataclasses.replace(TINY_TEXT_ENCODER, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                            num_attention_heads=4, num_key_value_heads=2, head_dim=16, out_layers=(1, 2, 3))
+    ref = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
+        vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
+        num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
+        num_key_value_heads=t.num_key_value_heads, head_dim=t.head_dim, rms_norm_eps=t.rms_norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": t.rope_theta}, max_position_embeddings=1024,
+        tie_word_embeddings=True, pad_token_id=1019)).eval()
+    _randomize(ref, seed=3)
+    ours = load_component("text_encoder", t, {k: v.numpy() for k, v in ref.state_dict().items()}, jnp.float32)
+    assert {layer.self_attn.mask_attention for layer in ours.layers} == {"fused"}
+    rng = np.random.default_rng(4)
+    input_ids = rng.integers(0, 1000, size=(3, 160)).astype(np.int32)
+    at_end = np.zeros((3, 160), np.int32)
+    for row, length in enumerate((160, 97, 1)):  # full, padded past a 32-key tile and an 8-row block, one token
+        at_end[row, :length] = 1
+    left = at_end[:, ::-1].copy()
+    graphdef, state = nnx.split(ours)
+    forward = jax.jit(lambda s, ids, mask: nnx.merge(graphdef, s)(ids, mask))
+    assert cpu_attention.TARGET in forward.lower(state, input_ids, at_end).as_text()
+    want = {}
+    for name, attention_mask in (("at end", at_end), ("left", left), ("none", np.ones_like(at_end))):
+        hidden = _reference_hidden_states(ref, input_ids, attention_mask)
+        want[name] = torch.cat([hidden[k] for k in t.out_layers], dim=-1).numpy()
+        assert_close(forward(state, input_ids, attention_mask), want[name], rel=1e-5, name=name)
+    # the padding matters (the pad rows' queries see only the tokens' keys)
+    assert np.abs(want["none"][1:] - want["at end"][1:]).max() > 100 * 1e-5 * np.abs(want["at end"]).max()
 
 
 @pytest.fixture(scope="module")

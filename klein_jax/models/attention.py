@@ -15,8 +15,8 @@ A module picks its backend when it is built (`attention_implementation`) or is s
   text encoder's); is_causal= falls back to "xla".
 - "fused": "chunked"'s function in one XLA FFI custom call (cpu_attention.py / cpu_attention.cc, built on first use
   with the host's C++ compiler): each block of queries' logits stays in the core's cache from the first product to the
-  last; the default on CPU for float32 when it builds. Head dims that are not multiples of 16, other dtypes and
-  mask= / is_causal= run "chunked" instead.
+  last; the default on CPU for float32 when it builds. Takes is_causal= (the text encoder's); head dims that are not
+  multiples of 16, other dtypes and mask= run "chunked" instead.
 - "cudnn": jax.nn.dot_product_attention(implementation="cudnn"), cuDNN flash attention: GPU, 16-bit compute,
   head dims of at most 128 (256 on Hopper) that are multiples of 8.
 - "pallas": JAX's Pallas splash attention for TPU (jax.experimental.pallas.ops.tpu.splash_attention), the key
@@ -108,8 +108,8 @@ def dot_product_attention(q, k, v, *, mask=None, is_causal: bool = False, implem
         if mask is not None or is_causal:
             raise ValueError("attention 'pallas' takes key_value_seq_lengths only, not mask= or is_causal=")
         return pallas_attention(q, k, v, key_value_seq_lengths)
-    if implementation == "fused" and mask is None and not is_causal and cpu_attention.supports(q, k):
-        return cpu_attention.fused_attention(q, k, v, key_value_seq_lengths)
+    if implementation == "fused" and mask is None and cpu_attention.supports(q, k):
+        return cpu_attention.fused_attention(q, k, v, key_value_seq_lengths, is_causal=is_causal)
     if implementation in ("chunked", "fused") and not is_causal:
         return chunked_attention(q, k, v, key_value_seq_lengths, mask=mask)
     xla_or_cudnn = None if implementation in (None, "xla", "chunked", "fused") else implementation

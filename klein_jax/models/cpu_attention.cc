@@ -1,7 +1,8 @@
 // Fused float32 softmax attention for XLA's CPU backend (an XLA FFI custom call; klein_jax/models/cpu_attention.py
 // builds and registers it). The same function as klein_jax.models.attention.chunked_attention: logits in float32,
-// keys past n[b] masked, scale applied inside the exponential after the row's maximum, the unnormalised weights
-// times the values, divided by the weights' sum. What XLA cannot do is keep a block of queries' logits in the
+// keys past n[b] masked (with the `causal` attribute also the keys after the query's position), the scale applied
+// inside the exponential after the row's maximum, the unnormalised weights times the values, divided by the
+// weights' sum. What XLA cannot do is keep a block of queries' logits in the
 // core's cache from the product through the softmax to the values' product: here each block of queries runs all
 // three while its logits stay in L2, and K arrives packed once per head in the layout the product's inner loop reads.
 //
@@ -269,7 +270,8 @@ float softmax_row(float* row, int64_t active, float scale, float known_max, int6
 }
 
 ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                     ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> lengths, ffi::ResultBuffer<ffi::F32> out) {
+                     ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> lengths, ffi::ResultBuffer<ffi::F32> out,
+                     int32_t causal) {
   auto qd = q.dimensions(), kd = k.dimensions();
   if (qd.size() != 4 || kd.size() != 4 || v.dimensions().size() != 4)
     return ffi::Error::InvalidArgument("q, k, v must be (B, S, heads, Dh)");
@@ -310,17 +312,23 @@ ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<
     int64_t length = std::clamp<int64_t>(n[b], 0, s.keys);
     // A row with no key weighs every key alike (all logits kFill), as jax's XLA attention does.
     int64_t active = length > 0 ? length : s.keys;
+    // causal: query `row` also sees only keys [0, row] (top-left aligned, as jax's is_causal), so its keys are
+    // [0, min(active, row + 1)); a row's weights past that are zeros up to the block's last row's count.
+    auto row_active = [&](int64_t row) { return causal && length > 0 ? std::min(active, row + 1) : active; };
+    const int64_t block_active = row_active(first + rows - 1);
     const float* q0 = qp + (b * s.queries + first) * q_stride + h * s.head_dim;
     const float* pk = packed + (b * s.kv_heads + kh) * tiles * s.head_dim * kKeyTile;
     const float* v0 = packed_values + (b * s.kv_heads + kh) * column_blocks * s.keys * kKeyTile;
     float* o0 = op + (b * s.queries + first) * q_stride + h * s.head_dim;
-    int64_t active_tiles = (active + kKeyTile - 1) / kKeyTile, full_tiles = length > 0 ? active / kKeyTile : 0;
     thread_local std::vector<float> sums;
     sums.resize(block);
     for (int64_t r0 = 0; r0 < rows; r0 += kRows) {  // the block's logits and softmax weights
       int r = static_cast<int>(std::min<int64_t>(kRows, rows - r0));
       float* lg = logits.data() + r0 * padded;
       float row_max[kRows];
+      // tiles any row of these r needs; tiles whole and attended by all of them (the row maximum's)
+      int64_t active_tiles = (row_active(first + r0 + r - 1) + kKeyTile - 1) / kKeyTile;
+      int64_t full_tiles = length > 0 ? row_active(first + r0) / kKeyTile : 0;
       if (length > 0) {
         logits_rows<kRows>(q0 + r0 * q_stride, q_stride, pk, active_tiles, full_tiles, s.head_dim, lg, padded, r,
                            row_max);
@@ -328,13 +336,16 @@ ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<
         for (int i = 0; i < r; ++i) std::fill(lg + i * padded, lg + i * padded + active, kFill);
         std::fill(row_max, row_max + r, -INFINITY);
       }
-      for (int i = 0; i < r; ++i) sums[r0 + i] = softmax_row(lg + i * padded, active, scale, row_max[i],
-                                                             full_tiles * kKeyTile);
+      for (int i = 0; i < r; ++i) {
+        int64_t own = row_active(first + r0 + i);
+        sums[r0 + i] = softmax_row(lg + i * padded, own, scale, row_max[i], full_tiles * kKeyTile);
+        std::fill(lg + i * padded + own, lg + i * padded + block_active, 0.0f);
+      }
     }
     for (int64_t r0 = 0; r0 < rows; r0 += kValueRows) {  // then the values' product
       int r = static_cast<int>(std::min<int64_t>(kValueRows, rows - r0));
-      values_dispatch<kValueRows>(logits.data() + r0 * padded, padded, v0, s.keys, active, s.head_dim,
-                                  sums.data() + r0, o0 + r0 * q_stride, q_stride, r);
+      values_dispatch<kValueRows>(logits.data() + r0 * padded, padded, v0, s.keys, row_active(first + r0 + r - 1),
+                                  s.head_dim, sums.data() + r0, o0 + r0 * q_stride, q_stride, r);
     }
   });
   return ffi::Error::Success();
@@ -349,4 +360,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(KleinCpuAttention, Attention,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int32_t>("causal"));

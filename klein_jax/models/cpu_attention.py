@@ -4,7 +4,7 @@ XLA's CPU backend runs attention as separate ops (the logits' product, the softm
 streaming a chunk of logits through memory; the kernel keeps a block of queries' logits in the core's cache from the
 first product to the last (docs/benchmarks.md: the medium benchmark's attention 13 -> 8 ms). It computes the
 "chunked" backend's function (attention.chunked_attention: flash attention's order, float32) on jax's (B, S, H, Dh)
-layout, with key_value_seq_lengths.
+layout, with key_value_seq_lengths and optionally a causal mask (the text encoder's).
 
 It is C++ written with GCC's vector extensions, built from source with the host's compiler (`$CXX`, else g++, c++ or
 clang++; -O3 -march=native) against the XLA FFI headers jax ships, into a cache folder keyed by the source, jaxlib
@@ -31,6 +31,7 @@ import tempfile
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -126,33 +127,36 @@ def supports(q, k) -> bool:
             and q.shape[-1] % LANES == 0 and q.shape[2] % k.shape[2] == 0)
 
 
-def _call(q, k, v, lengths):
-    return jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(q.shape, q.dtype), vmap_method="sequential")(q, k, v, lengths)
+def _call(q, k, v, lengths, causal):
+    return jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(q.shape, q.dtype), vmap_method="sequential")(
+        q, k, v, lengths, causal=np.int32(causal))
 
 
-@jax.custom_vjp
-def _attention(q, k, v, lengths):
-    return _call(q, k, v, lengths)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _attention(q, k, v, lengths, causal):
+    return _call(q, k, v, lengths, causal)
 
 
-def _forward(q, k, v, lengths):
-    return _call(q, k, v, lengths), (q, k, v, lengths)
+def _forward(q, k, v, lengths, causal):
+    return _call(q, k, v, lengths, causal), (q, k, v, lengths)
 
 
-def _backward(residuals, cotangent):
+def _backward(causal, residuals, cotangent):
     from klein_jax.models.attention import chunked_attention
 
     q, k, v, lengths = residuals
-    _, pullback = jax.vjp(lambda q, k, v: chunked_attention(q, k, v, lengths), q, k, v)
+    mask = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool))[None, None] if causal else None
+    _, pullback = jax.vjp(lambda q, k, v: chunked_attention(q, k, v, lengths, mask=mask), q, k, v)
     return (*pullback(cotangent), None)
 
 
 _attention.defvjp(_forward, _backward)
 
 
-def fused_attention(q, k, v, key_value_seq_lengths=None):
+def fused_attention(q, k, v, key_value_seq_lengths=None, *, is_causal: bool = False):
     """Softmax attention through the kernel: q (B, Sq, H, Dh), k and v (B, Skv, K, Dh) float32 (supports()), scale
-    1/sqrt(Dh); key_value_seq_lengths (B,) attends only the first n[b] keys (a row of none weighs all alike)."""
+    1/sqrt(Dh); key_value_seq_lengths (B,) attends only the first n[b] keys (a row of none weighs all alike);
+    is_causal: query i also attends only keys 0..i (top-left aligned, as jax.nn.dot_product_attention)."""
     reason = unavailable_reason()
     if reason is not None:
         raise RuntimeError(f"the fused CPU attention kernel is unavailable: {reason}")
@@ -161,4 +165,4 @@ def fused_attention(q, k, v, key_value_seq_lengths=None):
                          f"multiple of {LANES} and K dividing H; got {q.shape} {q.dtype}, {k.shape} {k.dtype}")
     lengths = (jnp.full((q.shape[0],), k.shape[1], jnp.int32) if key_value_seq_lengths is None
                else jnp.asarray(key_value_seq_lengths, jnp.int32))
-    return _attention(q, k, v, lengths)
+    return _attention(q, k, v, lengths, bool(is_causal))

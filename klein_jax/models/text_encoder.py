@@ -7,13 +7,15 @@ Attribute names mirror transformers' `model.*` names so that the key map is a re
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from klein_jax.configs import TextEncoderConfig
-from klein_jax.models import matmul
+from klein_jax.models import cpu_attention, matmul
 from klein_jax.models.layers import RMSNorm, dot_product_attention, rms_normalize
 
 
@@ -45,6 +47,34 @@ def attention_mask_4d(attention_mask: jax.Array) -> jax.Array:
     return (causal[None, :, :] & (attention_mask[:, None, :] != 0))[:, None]  # (B, 1, T, T)
 
 
+class TextMask(NamedTuple):
+    """The attention mask of a batch of token rows, in the forms the attention backends take."""
+
+    dense: jax.Array  # (B, 1, T, T) bool: causal AND key padding (attention_mask_4d)
+    has_key: jax.Array  # (B, T) bool: the query attends at least one key
+    lengths: jax.Array  # (B,) int32: the tokens of each row (its ones)
+    padding_at_end: jax.Array  # () bool: every row is ones then zeros, with at least one 1: dense == causal + lengths
+
+
+def text_mask(attention_mask: jax.Array) -> TextMask:
+    """(B, T) 0/1 -> TextMask (the tokenizer pads at the end; any 0/1 mask is honoured through `dense`)."""
+    T = attention_mask.shape[1]
+    dense = attention_mask_4d(attention_mask)
+    lengths = jnp.sum(attention_mask != 0, axis=1, dtype=jnp.int32)
+    prefix = (attention_mask != 0) == (jnp.arange(T)[None, :] < lengths[:, None])
+    return TextMask(dense, dense[:, 0].any(axis=-1), lengths, jnp.all(prefix) & jnp.all(lengths > 0))
+
+
+def text_attention_implementation(dtype, head_dim: int) -> str:
+    """The text encoder's backend: its mask is causal and key padding, which XLA's path takes as an explicit mask
+    (its chunked form on CPU); on CPU in float32 the fused kernel takes it as is_causal + lengths when the padding is
+    at the end (the tokenizer's), "chunked" serving any other mask."""
+    if jax.default_backend() != "cpu":
+        return "xla"
+    fused = jnp.dtype(dtype) == jnp.float32 and head_dim % cpu_attention.LANES == 0 and cpu_attention.available()
+    return "fused" if fused else "chunked"
+
+
 class Qwen3RMSNorm(RMSNorm):
     """Qwen3RMSNorm: normalised in fp32 and cast to the input dtype *before* the weight multiplies it.
 
@@ -62,8 +92,7 @@ class Qwen3Attention(nnx.Module):
         D, H, K, Dh = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
         linear = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, dot_general=matmul.dot_general, rngs=rngs)
         self.num_heads, self.num_kv_heads, self.head_dim = H, K, Dh
-        # the explicit mask takes XLA's path, or its chunked form on CPU (cuDNN and Pallas take lengths only)
-        self.mask_attention = "chunked" if jax.default_backend() == "cpu" else "xla"
+        self.mask_attention = text_attention_implementation(dtype, Dh)  # not switched by set_attention
         self.q_proj = nnx.Linear(D, H * Dh, **linear)
         self.k_proj = nnx.Linear(D, K * Dh, **linear)
         self.v_proj = nnx.Linear(D, K * Dh, **linear)
@@ -71,7 +100,7 @@ class Qwen3Attention(nnx.Module):
         self.q_norm = Qwen3RMSNorm(Dh, eps=config.rms_norm_eps, param_dtype=param_dtype)
         self.k_norm = Qwen3RMSNorm(Dh, eps=config.rms_norm_eps, param_dtype=param_dtype)
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: TextMask) -> jax.Array:
         B, T, _ = x.shape
         q = self.q_norm(self.q_proj(x).reshape(B, T, self.num_heads, self.head_dim))  # (B, T, D) -> (B, T, H, Dh)
         k = self.k_norm(self.k_proj(x).reshape(B, T, self.num_kv_heads, self.head_dim))  # (B, T, K, Dh)
@@ -79,9 +108,16 @@ class Qwen3Attention(nnx.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         # The explicit mask: any 0/1 attention_mask is honoured exactly; query head n reads kv head n // (H // K),
         # as transformers' repeat_kv.
-        out = dot_product_attention(q, k, v, mask=mask, implementation=self.mask_attention)  # (B, T, H, Dh)
+        if self.mask_attention == "fused":  # one branch runs: the kernel for padding at the end, else the dense mask
+            out = jax.lax.cond(
+                mask.padding_at_end,
+                lambda: dot_product_attention(q, k, v, is_causal=True, key_value_seq_lengths=mask.lengths,
+                                              implementation="fused"),
+                lambda: dot_product_attention(q, k, v, mask=mask.dense, implementation="chunked"))
+        else:
+            out = dot_product_attention(q, k, v, mask=mask.dense, implementation=self.mask_attention)  # (B, T, H, Dh)
         # A query that sees no key gives 0, as torch SDPA does (only reachable with left padding or empty rows).
-        out = jnp.where(mask.any(axis=-1)[:, 0, :, None, None], out, jnp.zeros((), out.dtype))
+        out = jnp.where(mask.has_key[:, :, None, None], out, jnp.zeros((), out.dtype))
         return self.o_proj(out.reshape(B, T, self.num_heads * self.head_dim))  # (B, T, H, Dh) -> (B, T, H*Dh)
 
 
@@ -110,7 +146,7 @@ class Qwen3DecoderLayer(nnx.Module):
         self.input_layernorm = Qwen3RMSNorm(config.hidden_size, **norm)
         self.post_attention_layernorm = Qwen3RMSNorm(config.hidden_size, **norm)
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: TextMask) -> jax.Array:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -142,7 +178,7 @@ class Qwen3TextEncoder(nnx.Module):
             raise ValueError(f"attention_mask shape {attention_mask.shape} != input_ids shape {input_ids.shape}")
         B, T = input_ids.shape
         cos, sin = rope_cos_sin(T, self.config.head_dim, self.config.rope_theta, self.dtype)  # (T, Dh) each
-        mask = attention_mask_4d(attention_mask)  # (B, 1, T, T)
+        mask = text_mask(attention_mask)
         x = self.embed_tokens(input_ids).astype(self.dtype)  # (B, T, D)
         hidden_states = [x]
         for layer in self.layers:
