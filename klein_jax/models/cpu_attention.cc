@@ -2,9 +2,9 @@
 // builds and registers it). The same function as klein_jax.models.attention.chunked_attention: logits in float32,
 // keys past n[b] masked (with the `causal` attribute also the keys after the query's position), the scale applied
 // inside the exponential after the row's maximum, the unnormalised weights times the values, divided by the
-// weights' sum. What XLA cannot do is keep a block of queries' logits in the
-// core's cache from the product through the softmax to the values' product: here each block of queries runs all
-// three while its logits stay in L2, and K arrives packed once per head in the layout the product's inner loop reads.
+// weights' sum. What XLA cannot do is keep a block of queries' logits in the core's cache from the product through
+// the softmax to the values' product: here each block of queries runs all three while its logits stay in L2, and K
+// arrives packed once per head in the layout the product's inner loop reads.
 //
 // Layouts are jax's (B, S, heads, Dh), row-major, so no transposes run around the call. Query head h reads key/value
 // head h / (H / K). Dh must be a multiple of 16 (every klein attention: 64, 128; the Python side checks).
