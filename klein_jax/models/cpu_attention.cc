@@ -30,6 +30,7 @@ constexpr int kLanes = 16;
 constexpr int kKeyTile = 32;  // keys per packed tile of K^T: two vectors per query row in the logits' kernel
 constexpr int kRows = 8;      // query rows per register block of the logits (8 x 2 vector accumulators)
 constexpr int kValueRows = 6;  // query rows per register block of the values' product (6 x 4 accumulators)
+constexpr int kNarrowValueRows = 12;  // the same for head_dim 32 (12 x 2 accumulators): V streamed half as often
 constexpr int kSumRun = 128;  // keys summed in registers before a partial sum joins the total (accuracy)
 constexpr float kFill = -0.7f * 3.40282347e38f;  // a masked key's logit: jax's XLA attention's
 
@@ -212,6 +213,16 @@ void values_rows(const float* weights, int64_t weights_stride, const float* v, i
     values_block<R, 1>(weights, weights_stride, v + column * keys, keys, active, column, sums, out, out_stride);
 }
 
+// head_dim 32: the rows' one 32-column block; a partial block (rows < R) goes to the matching instantiation.
+template <int R>
+void values_narrow(const float* weights, int64_t weights_stride, const float* v, int64_t keys, int64_t active,
+                   const float* sums, float* out, int64_t out_stride, int rows) {
+  if constexpr (R > 1) {
+    if (rows < R) return values_narrow<R - 1>(weights, weights_stride, v, keys, active, sums, out, out_stride, rows);
+  }
+  values_block<R, 2>(weights, weights_stride, v, keys, active, 0, sums, out, out_stride);
+}
+
 // A partial block (rows < R) goes to the matching instantiation.
 template <int R>
 void logits_rows(const float* q, int64_t q_stride, const float* packed, int64_t tiles, int64_t full_tiles,
@@ -342,10 +353,19 @@ ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<
         std::fill(lg + i * padded + own, lg + i * padded + block_active, 0.0f);
       }
     }
-    for (int64_t r0 = 0; r0 < rows; r0 += kValueRows) {  // then the values' product
-      int r = static_cast<int>(std::min<int64_t>(kValueRows, rows - r0));
-      values_dispatch<kValueRows>(logits.data() + r0 * padded, padded, v0, s.keys, row_active(first + r0 + r - 1),
-                                  s.head_dim, sums.data() + r0, o0 + r0 * q_stride, q_stride, r);
+    const bool narrow = s.head_dim == 2 * kLanes;
+    const int64_t value_rows = narrow ? kNarrowValueRows : kValueRows;
+    for (int64_t r0 = 0; r0 < rows; r0 += value_rows) {  // then the values' product
+      int r = static_cast<int>(std::min<int64_t>(value_rows, rows - r0));
+      const float* weights = logits.data() + r0 * padded;
+      int64_t keys_used = row_active(first + r0 + r - 1);
+      if (narrow) {
+        values_narrow<kNarrowValueRows>(weights, padded, v0, s.keys, keys_used, sums.data() + r0, o0 + r0 * q_stride,
+                                        q_stride, r);
+      } else {
+        values_dispatch<kValueRows>(weights, padded, v0, s.keys, keys_used, s.head_dim, sums.data() + r0,
+                                    o0 + r0 * q_stride, q_stride, r);
+      }
     }
   });
   return ffi::Error::Success();
