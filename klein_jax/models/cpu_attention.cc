@@ -213,16 +213,6 @@ void values_rows(const float* weights, int64_t weights_stride, const float* v, i
     values_block<R, 1>(weights, weights_stride, v + column * keys, keys, active, column, sums, out, out_stride);
 }
 
-// head_dim 32: the rows' one 32-column block; a partial block (rows < R) goes to the matching instantiation.
-template <int R>
-void values_narrow(const float* weights, int64_t weights_stride, const float* v, int64_t keys, int64_t active,
-                   const float* sums, float* out, int64_t out_stride, int rows) {
-  if constexpr (R > 1) {
-    if (rows < R) return values_narrow<R - 1>(weights, weights_stride, v, keys, active, sums, out, out_stride, rows);
-  }
-  values_block<R, 2>(weights, weights_stride, v, keys, active, 0, sums, out, out_stride);
-}
-
 // A partial block (rows < R) goes to the matching instantiation.
 template <int R>
 void logits_rows(const float* q, int64_t q_stride, const float* packed, int64_t tiles, int64_t full_tiles,
@@ -359,9 +349,9 @@ ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<
       int r = static_cast<int>(std::min<int64_t>(value_rows, rows - r0));
       const float* weights = logits.data() + r0 * padded;
       int64_t keys_used = row_active(first + r0 + r - 1);
-      if (narrow) {
-        values_narrow<kNarrowValueRows>(weights, padded, v0, s.keys, keys_used, sums.data() + r0, o0 + r0 * q_stride,
-                                        q_stride, r);
+      if (narrow) {  // one 32-column block per row
+        values_dispatch<kNarrowValueRows>(weights, padded, v0, s.keys, keys_used, s.head_dim, sums.data() + r0,
+                                          o0 + r0 * q_stride, q_stride, r);
       } else {
         values_dispatch<kValueRows>(weights, padded, v0, s.keys, keys_used, s.head_dim, sums.data() + r0,
                                     o0 + r0 * q_stride, q_stride, r);

@@ -15,8 +15,8 @@ import numpy as np
 from flax import nnx
 
 from klein_jax.configs import TextEncoderConfig
-from klein_jax.models import cpu_attention, matmul
-from klein_jax.models.layers import RMSNorm, dot_product_attention, rms_normalize
+from klein_jax.models import matmul
+from klein_jax.models.layers import RMSNorm, attention_implementation, dot_product_attention, rms_normalize
 
 
 def rope_cos_sin(num_tokens: int, head_dim: int, theta: float, dtype) -> tuple[jax.Array, jax.Array]:
@@ -66,13 +66,10 @@ def text_mask(attention_mask: jax.Array) -> TextMask:
 
 
 def text_attention_implementation(dtype, head_dim: int) -> str:
-    """The text encoder's backend: its mask is causal and key padding, which XLA's path takes as an explicit mask
-    (its chunked form on CPU); on CPU in float32 the fused kernel takes it as is_causal + lengths when the padding is
-    at the end (the tokenizer's), "chunked" serving any other mask."""
-    if jax.default_backend() != "cpu":
-        return "xla"
-    fused = jnp.dtype(dtype) == jnp.float32 and head_dim % cpu_attention.LANES == 0 and cpu_attention.available()
-    return "fused" if fused else "chunked"
+    """The text encoder's backend: off the CPU XLA's (its explicit causal + padding mask; cuDNN and Pallas take none);
+    on the CPU the default (attention_implementation): "fused" takes the mask as is_causal + lengths when the padding
+    is at the end (the tokenizer's), "chunked" any mask."""
+    return attention_implementation(dtype, head_dim) if jax.default_backend() == "cpu" else "xla"
 
 
 class Qwen3RMSNorm(RMSNorm):
