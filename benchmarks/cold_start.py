@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import pathlib
-import platform
 import re
 import shutil
 import signal
@@ -113,8 +112,8 @@ def run(args) -> dict:
     model_args = ["--model", args.model] if args.model else ["--demo"]
     work = pathlib.Path(tempfile.mkdtemp(prefix="klein-cold-start-"))
     report = {"schema": 1, "date": time.strftime("%Y-%m-%d %H:%M"), "command": " ".join(sys.argv[1:]),
-              "server_args": model_args + args.extra, "runs": args.runs, "host": platform.machine(),
-              "cpu_count": os.cpu_count(), "load_average_start": os.getloadavg(), "states": {}}
+              "server_args": model_args + args.extra, "runs": args.runs, "host": reporting.host(),
+              "load_average_start": os.getloadavg(), "states": {}}
     try:
         empty, warm = [], []
         for i in range(args.runs):
@@ -164,7 +163,7 @@ def run_abstract_4b(args) -> dict:
     """--runs children with an empty cache each, then --runs with the cache the last one filled."""
     work = pathlib.Path(tempfile.mkdtemp(prefix="klein-cold-start-4b-"))
     report = {"date": time.strftime("%Y-%m-%d %H:%M"), "command": " ".join(sys.argv[1:]), "runs": args.runs,
-              "host": platform.machine(), "cpu_count": os.cpu_count(), "load_average_start": os.getloadavg(),
+              "host": reporting.host(), "load_average_start": os.getloadavg(),
               "aspect_ratios": args.aspect_ratios, "max_batch": args.max_batch, "states": {}}
     try:
         for state in ("empty", "warm"):
@@ -191,7 +190,7 @@ def _markdown(report: dict, command: str, what: str, columns: tuple[str, ...], c
     cells(state), then each run's ready_s."""
     load, load_end = (reporting.format_load(report[k]) for k in ("load_average_start", "load_average_end"))
     paragraph = (f"Measured by `benchmarks/cold_start.py` ({report['date']}, `{command}`) on {report['host']}, "
-                 f"{report['cpu_count']} CPU cores, load average {load} at the start and {load_end} at the end: "
+                 f"load average {load} at the start and {load_end} at the end: "
                  f"{what} The warm cache held {report['cache_files']} files, "
                  f"{report['cache_bytes'] / 2**20:.1f} MiB.")
     rows = [[name, *cells(state), ", ".join(f"{r['ready_s']:.1f}" for r in state["runs"])]

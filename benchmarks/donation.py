@@ -109,7 +109,7 @@ def run_times(repeats: int) -> dict:
 
 def markdown(rows: list[dict], run: dict | None, command: str, load: tuple) -> str:
     lines = [f"Measured by `benchmarks/donation.py` ({time.strftime('%Y-%m-%d %H:%M')}, `{command or '(defaults)'}`), "
-             f"{os.cpu_count()} CPU cores (shared), load average {reporting.format_load(load)} at the start. "
+             f"on {reporting.host()} (shared), load average {reporting.format_load(load)} at the start. "
              "Memory: XLA's memory_analysis of klein-4B programs at 1024x1024, abstract bfloat16 weights; "
              "\"peak\" is argument + output + temp - alias.", "",
              "| program | donated | argument (GiB) | output (MiB) | temp (GiB) | alias (MiB) | peak (GiB) |",

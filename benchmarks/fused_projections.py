@@ -161,7 +161,7 @@ def markdown(results: dict) -> str:
                      f"{c['all-gather']} | {r['flops'] / 1e12:.3f} T | {r['step_ms']:.0f} ms |")
     return "\n".join(["", *lines, "", f"Collectives: the compiled klein-4B 1024x1024 transformer call (bf16, "
                       f"abstract weights) at model=4 over 8 fake CPU devices. Step: median of one medium-config call "
-                      f"(512x512, float32). Load average during the run: {load}.", ""])
+                      f"(512x512, float32). On {reporting.host()}, load average during the run: {load}.", ""])
 
 
 def main(argv=None) -> None:

@@ -25,7 +25,6 @@ import io
 import json
 import os
 import pathlib
-import platform
 import statistics
 import sys
 import tempfile
@@ -194,7 +193,7 @@ def table(rows: list[dict], repeats: int, dtype: str = "float32") -> str:
 
     lines = [
         f"Measured by `benchmarks/pipeline_stages.py` ({time.strftime('%Y-%m-%d')}) on "
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores (shared with other jobs), "
+        f"{reporting.host()} (shared with other jobs), "
         f"jax {jax.__version__} CPU, {dtype} (both pipelines), {STEPS} steps, text-to-image, {repeats} rounds after a "
         "warm-up, each round one image of each pipeline in turn; medians. Stages are timed on our stepwise path (one "
         "program per step, then the decoder; `total`); `end to end` is the call users make (denoise and decode in one "

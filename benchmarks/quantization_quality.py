@@ -94,7 +94,7 @@ def table(results: dict, byte_rows, prompts, seeds, seconds: dict) -> str:
     gib = 2**30
     lines = [
         f"Medium config, 512x512, {STEPS} steps, {len(prompts)} prompts x seeds {', '.join(map(str, seeds))} "
-        f"({len(prompts) * len(seeds)} images), random weights; load average {load:.1f}. PSNR in dB, peak 1.",
+        f"({len(prompts) * len(seeds)} images), random weights; {reporting.host()}, load average {load:.1f}. PSNR in dB, peak 1.",
         "",
         "| images | PSNR mean | PSNR min |",
         "|---|---|---|",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import platform
 import subprocess
 import sys
 from collections.abc import Iterable, Sequence
@@ -79,6 +80,26 @@ def proc_load() -> str:
         return "?"
     with open("/proc/loadavg") as f:
         return " ".join(f.read().split()[:3])
+
+
+def host() -> str:
+    """This machine for a table's caption: the CPU's model, its cores and the vector units that set CPU speed, e.g.
+    "AMD EPYC (AVX-512, AVX512-BF16, no AMX), 2 CPU cores". CPU figures from different hosts do not compare."""
+    model, flags = platform.processor() or platform.machine(), set()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    model = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break
+    units = [name for flag, name in (("avx512f", "AVX-512"), ("avx512_bf16", "AVX512-BF16")) if flag in flags]
+    if flags:
+        units.append("AMX" if "amx_bf16" in flags else "no AMX")
+    described = f"{model} ({', '.join(units)})" if units else model
+    return f"{described}, {os.cpu_count()} CPU cores"
 
 
 def emit(report: dict, text: str, json_path: pathlib.Path | None) -> None:

@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import pathlib
-import platform
 import statistics
 import sys
 import time
@@ -187,7 +186,7 @@ def run(args) -> dict:
     import numpy as np
 
     report = {"date": time.strftime("%Y-%m-%d %H:%M"), "command": " ".join(sys.argv[1:]),
-              "host": platform.machine(), "cpu_count": os.cpu_count(), "repeats": args.repeats,
+              "host": reporting.host(), "repeats": args.repeats,
               "compile": {}, "run": {}}
     with tempfile.TemporaryDirectory() as tmp:
         images = {}
@@ -217,7 +216,7 @@ def markdown(report: dict) -> str:
     compile_ = report["compile"]
     loads = "; ".join(f"{form} {reporting.format_load(compile_[form]['load_average'])}" for form in FORMS)
     lines = [f"Measured by `benchmarks/scan_blocks.py` ({report['date']}, `{report['command'] or '(defaults)'}`) on "
-             f"{report['host']}, {report['cpu_count']} CPU cores (shared), load average at the start of each form's "
+             f"{report['host']} (shared), load average at the start of each form's "
              f"compile run: {loads}. Compile: klein-4B shapes, abstract bfloat16 weights, batch 1; "
              "\"optimised HLO\" is the compiled program's text size (thousands of characters).", "",
              "| programs | count | compile CPU s unrolled / scanned | ratio | compile wall s unrolled / scanned | "

@@ -24,7 +24,6 @@ import dataclasses
 import json
 import os
 import pathlib
-import platform
 import subprocess
 import sys
 import tempfile
@@ -186,8 +185,8 @@ def run_case(args, variant: tuple, max_batch: int) -> dict:
 def write_doc(rows: list[dict], args, command: str) -> None:
     device = (f"simulated accelerator, {args.device_ms:g} ms + {args.device_ms_per_image:g} ms per image per batch"
               if args.model == "simulated" else "the demo model (its CPU device time)")
-    lines = [f"Measured by `{command}` ({time.strftime('%Y-%m-%d %H:%M')}) on {platform.machine()}, "
-             f"{os.cpu_count()} CPU cores: {device}, square (1024x1024) text-to-image, 4 x max_batch concurrent "
+    lines = [f"Measured by `{command}` ({time.strftime('%Y-%m-%d %H:%M')}) on "
+             f"{reporting.host()}: {device}, square (1024x1024) text-to-image, 4 x max_batch concurrent "
              f"clients, {args.requests_per_slot} x that many requests after a warm-up. The load average (1 min) is "
              "read as each case starts.", "",
              "| max batch | variant | images/s | p50 latency (ms) | p95 latency (ms) | statuses | load average |",
