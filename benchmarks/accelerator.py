@@ -19,6 +19,11 @@ compile time (ours: the programs of the fused path, as the server compiles them;
 excess over a steady call). Times are medians of --repeats runs after a warm-up. The JSON goes to --json PATH and
 stdout; the markdown table replaces the section between this model size's markers in docs/benchmarks.md
 (--no-doc: leave it).
+
+Levers (issue #15) in the same run: `--variants default attention=xla quantization=fp8` times klein-jax once per
+variant, each in its own child process, as its own rows ("klein-jax (attention=xla)"): an attention backend
+(klein_jax/models/attention.py BACKENDS: cuDNN against XLA on a GPU, Pallas against XLA on a TPU) and fp8 weights;
+"+" joins several settings in one variant (`attention=cudnn+quantization=fp8`). `default` is what ships.
 """
 
 from __future__ import annotations
@@ -113,6 +118,39 @@ class Case:
         return cls(int(batch), int(references))
 
 
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """A klein-jax configuration to time: KleinPipeline's `attention=` and `quantization=` (None: the defaults)."""
+
+    attention: str | None = None
+    quantization: str | None = None
+
+    @property
+    def label(self) -> str:
+        settings = [f"{k}={v}" for k, v in dataclasses.asdict(self).items() if v is not None]
+        return "klein-jax" + (f" ({', '.join(settings)})" if settings else "")
+
+    def to_arg(self) -> str:
+        return "+".join(f"{k}={v}" for k, v in dataclasses.asdict(self).items() if v is not None) or "default"
+
+    @classmethod
+    def from_arg(cls, text: str) -> "Variant":
+        """`default`, or settings joined by "+": `attention=NAME` (BACKENDS), `quantization=fp8`."""
+        from klein_jax.models.attention import BACKENDS
+        from klein_jax.quantization import QUANTIZATIONS
+
+        choices = {"attention": BACKENDS, "quantization": QUANTIZATIONS}
+        settings = {}
+        for item in ([] if text == "default" else text.split("+")):
+            key, _, value = item.partition("=")
+            if key not in choices or value not in choices[key] or key in settings:
+                raise argparse.ArgumentTypeError(
+                    f"variant {text!r}: expected 'default' or settings joined by '+', each attention=NAME "
+                    f"({', '.join(BACKENDS)}) or quantization={'|'.join(QUANTIZATIONS)}, each at most once")
+            settings[key] = value
+        return cls(**settings)
+
+
 # ----------------------------------------------------------------------------------------- FLOPs and peaks
 
 
@@ -195,9 +233,10 @@ def _peak_memory() -> tuple[int, str]:
     return (peak, "device") if peak else (_host_rss_bytes(), "host RSS")
 
 
-def run_ours(setup: Setup, cases: list[Case], steps: int, repeats: int) -> dict[str, list[dict]]:
-    """Child process: builds our pipeline, then per case warms up (compiling) and times the stepwise and fused
-    paths; returns {case: [result]}."""
+def run_ours(setup: Setup, cases: list[Case], steps: int, repeats: int,
+             variant: Variant = Variant()) -> dict[str, list[dict]]:
+    """Child process: builds our pipeline in `variant`'s configuration, then per case warms up (compiling) and times
+    the stepwise and fused paths; returns {case: [result]}."""
     import jax
     import jax.numpy as jnp
 
@@ -209,9 +248,10 @@ def run_ours(setup: Setup, cases: list[Case], steps: int, repeats: int) -> dict[
     modules = [_random_module(name, config, dtype, seed=i)
                for i, (name, config) in enumerate(zip(("transformer", "vae", "text_encoder"), setup.configs))]
     pipe = KleinPipeline(*modules, demo_prompt_tokenizer(setup.text_encoder.vocab_size), is_distilled=True,
-                         dtype=dtype, name=f"random-{setup.name}", reference_buckets=setup.reference_buckets)
+                         dtype=dtype, name=f"random-{setup.name}", reference_buckets=setup.reference_buckets,
+                         attention=variant.attention, quantization=variant.quantization)
     build_s = time.perf_counter() - start
-    about = {"pipeline": "klein-jax", "build_s": build_s, "device_kind": jax.devices()[0].device_kind,
+    about = {"pipeline": variant.label, "variant": variant.to_arg(), "build_s": build_s, "device_kind": jax.devices()[0].device_kind,
              "backend": jax.default_backend(), "framework": f"jax {jax.__version__}"}
     return {case.to_arg(): [{**about, **_time_ours(pipe, setup, case, steps, repeats)}] for case in cases}
 
@@ -389,20 +429,21 @@ def _time_diffusers_case(pipe, clock: StageClock, setup: Setup, case: Case, step
 # ------------------------------------------------------------------------------------------------ parent
 
 
-def _child(args, role: str) -> dict[str, list[dict]]:
-    """Runs one child process over every case; its last stdout line is the JSON {case: [results]}."""
+def _child(args, role: str, variant: Variant = Variant()) -> dict[str, list[dict]]:
+    """Runs one child process over every case (ours in `variant`); its last stdout line is the JSON {case:
+    [results]}."""
     command = [sys.executable, __file__, "--child", role, "--cases", ",".join(c.to_arg() for c in args.cases),
-               "--steps", str(args.steps), "--repeats", str(args.repeats)]
+               "--steps", str(args.steps), "--repeats", str(args.repeats), "--variants", variant.to_arg()]
     command += ["--small"] if args.setup.name == "small" else ["--model-size", args.setup.name]
     command += ["--no-torch-compile"] if args.no_torch_compile else []
     env = dict(os.environ, JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="") if args.setup.name == "small" else None
-    print(f"running {role} ...", file=sys.stderr, flush=True)
+    print(f"running {variant.label if role == 'ours' else 'diffusers'} ...", file=sys.stderr, flush=True)
     done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
     if done.returncode == 0:
         return json.loads(done.stdout.strip().splitlines()[-1])
     print(done.stderr[-3000:], file=sys.stderr)
     last = (done.stderr.strip().splitlines() or ["(no output)"])[-1][:300]
-    name = "klein-jax" if role == "ours" else "diffusers"
+    name = variant.label if role == "ours" else "diffusers"
     return {c.to_arg(): [{"pipeline": name, "skipped": f"failed (exit {done.returncode}): {last}"}] for c in args.cases}
 
 
@@ -416,15 +457,18 @@ def _derive(result: dict, case: Case, flops: float, steps: int, peak: float | No
 
 
 def run(args) -> dict:
-    """Every case in a klein-jax child process, then in a diffusers one; returns the JSON report."""
+    """Every case in a klein-jax child process per variant, then in a diffusers one; returns the JSON report."""
     setup = args.setup
     pixels_per_token = 2 * setup.vae.spatial_scale
     target = (setup.width // pixels_per_token) * (setup.height // pixels_per_token)
     report = {"schema": 1, "date": time.strftime("%Y-%m-%d %H:%M"), "command": " ".join(sys.argv[1:]),
               "model_size": setup.name, "dtype": setup.dtype, "width": setup.width, "height": setup.height,
-              "steps": args.steps, "repeats": args.repeats, "host": platform.machine(), "cpu_count": os.cpu_count(),
-              "load_average_start": os.getloadavg()}
-    results = _child(args, "ours")
+              "steps": args.steps, "repeats": args.repeats, "host": reporting.host(), "cpu_count": os.cpu_count(),
+              "variants": [v.to_arg() for v in args.variants], "load_average_start": os.getloadavg()}
+    results = {case.to_arg(): [] for case in args.cases}
+    for variant in args.variants:
+        for key, more in _child(args, "ours", variant).items():
+            results[key] += more
     if not args.skip_diffusers:
         for key, more in _child(args, "diffusers").items():
             results[key] += more
@@ -454,7 +498,7 @@ def markdown(report: dict) -> str:
         f"Measured by `benchmarks/accelerator.py` ({report['date']}, `{report['command'] or '(defaults)'}`) on "
         f"{report['device_kind'] or 'an unknown device'} "
         f"({'dense bfloat16 peak unknown' if peak is None else f'dense bfloat16 peak {peak:.0f} TFLOP/s'}); host "
-        f"{report['cpu_count']} CPUs, load average {load} at the start. Random {report['dtype']} weights, "
+        f"{report['host']}, load average {load} at the start. Random {report['dtype']} weights, "
         f"{report['width']}x{report['height']}, {report['steps']} steps, median of {report['repeats']} runs after a "
         "warm-up. Times in ms; klein-jax's memory is its process's peak up to that case (cases run in this order).",
         "",
@@ -496,6 +540,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peak-tflops", type=float, help="the device's bfloat16 peak, for a device not in PEAK_TFLOPS")
     p.add_argument("--json", type=pathlib.Path, help="also write the JSON report to this file")
     p.add_argument("--no-doc", action="store_true", help="leave docs/benchmarks.md as is")
+    p.add_argument("--variants", type=Variant.from_arg, nargs="+", default=[Variant()],
+                   help="klein-jax configurations, each its own rows: 'default' or settings joined by '+' "
+                        "(attention=xla|chunked|fused|cudnn|pallas, quantization=fp8)")
     p.add_argument("--child", choices=("ours", "diffusers"), help=argparse.SUPPRESS)
     p.add_argument("--cases", type=lambda text: [Case.from_arg(c) for c in text.split(",")], help=argparse.SUPPRESS)
     return p
@@ -508,11 +555,13 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--steps, --repeats and --batch-sizes must be positive")
     setup = SETUPS["small" if args.small else args.model_size]
     if args.child == "ours":
-        print(json.dumps(run_ours(setup, args.cases, args.steps, args.repeats)))
+        print(json.dumps(run_ours(setup, args.cases, args.steps, args.repeats, args.variants[0])))
         return 0
     if args.child == "diffusers":
         print(json.dumps(run_diffusers(setup, args.cases, args.steps, args.repeats, not args.no_torch_compile)))
         return 0
+    if len(set(args.variants)) != len(args.variants):
+        p.error("--variants: each variant at most once")
     args.setup = setup
     cases = [Case(b, 0) for b in set(args.batch_sizes)] + ([] if args.no_reference else [Case(1, 1)])
     args.cases = sorted(cases, key=lambda c: (c.batch, c.references))  # smallest first: JAX's peak is cumulative

@@ -107,6 +107,49 @@ def test_small_run_markdown_has_a_row_per_result(small_report):
     assert all(line.count("|") == 14 for line in rows), rows
 
 
+def test_variants_are_timed_as_their_own_rows(tmp_path):
+    path = tmp_path / "report.json"
+    code = accelerator.main(["--small", "--repeats", "1", "--no-doc", "--json", str(path), "--skip-diffusers",
+                             "--batch-sizes", "1", "--no-reference",
+                             "--variants", "default", "attention=chunked+quantization=fp8"])
+    assert code == 0
+    report = json.loads(path.read_text())
+    assert report["variants"] == ["default", "attention=chunked+quantization=fp8"]
+    [case] = report["cases"]
+    assert [r["pipeline"] for r in case["results"]] == ["klein-jax", "klein-jax (attention=chunked, quantization=fp8)"]
+    for r in case["results"]:
+        assert "skipped" not in r, r
+        assert r["denoise_ms"] > 0 and r["end_to_end_ms"] > 0 and r["compile_s"] > 0
+    rows = [line for line in accelerator.markdown(report).splitlines() if line.startswith("| text-to-image")]
+    assert [row.split(" | ")[2] for row in rows] == ["klein-jax", "klein-jax (attention=chunked, quantization=fp8)"]
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("default", accelerator.Variant()),
+    ("attention=cudnn", accelerator.Variant(attention="cudnn")),
+    ("quantization=fp8+attention=pallas", accelerator.Variant(attention="pallas", quantization="fp8")),
+])
+def test_variant_arguments_round_trip(text, expected):
+    variant = accelerator.Variant.from_arg(text)
+    assert variant == expected
+    assert accelerator.Variant.from_arg(variant.to_arg()) == variant
+
+
+@pytest.mark.parametrize("text", ["attention=flash", "quantization=int8", "attention=xla+attention=cudnn",
+                                  "attention", "", "default+attention=xla"])
+def test_bad_variants_are_refused_with_the_choices(text, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        accelerator.build_parser().parse_args(["--variants", text])
+    assert exit_info.value.code == 2
+    assert "attention=NAME" in capsys.readouterr().err
+
+
+def test_a_variant_named_twice_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        accelerator.main(["--small", "--variants", "default", "default", "--no-doc"])
+    assert "each variant at most once" in capsys.readouterr().err
+
+
 def test_write_doc_replaces_only_its_own_section(tmp_path, monkeypatch):
     doc = tmp_path / "benchmarks.md"
     doc.write_text("# Benchmarks\n\nintro\n\n<!-- accelerator-4b:begin -->\nold 4b\n<!-- accelerator-4b:end -->\n\n"
