@@ -251,7 +251,8 @@ def run_ours(setup: Setup, cases: list[Case], steps: int, repeats: int,
                          dtype=dtype, name=f"random-{setup.name}", reference_buckets=setup.reference_buckets,
                          attention=variant.attention, quantization=variant.quantization)
     build_s = time.perf_counter() - start
-    about = {"pipeline": variant.label, "variant": variant.to_arg(), "build_s": build_s, "device_kind": jax.devices()[0].device_kind,
+    about = {"pipeline": variant.label, "variant": variant.to_arg(), "build_s": build_s,
+             "device_kind": jax.devices()[0].device_kind,
              "backend": jax.default_backend(), "framework": f"jax {jax.__version__}"}
     return {case.to_arg(): [{**about, **_time_ours(pipe, setup, case, steps, repeats)}] for case in cases}
 

@@ -6,6 +6,7 @@
    CPU devices (the counts come from a child process with XLA_FLAGS=--xla_force_host_platform_device_count=8).
 2. XLA's cost-analysis FLOPs of the same program (unsharded): fusing must not change them.
 3. Median wall time of one transformer call of the medium config (benchmarks/pipeline_stages.py) on CPU, float32.
+Every program runs XLA's attention in both trees (the baseline's only backend), so that the layouts are compared.
 Each figure is measured for this tree and for `--baseline` (a git revision before the fusion, extracted with
 `git archive`, whose klein_jax runs the same code in a child process). `--write` puts the table in docs/benchmarks.md.
 
@@ -50,8 +51,21 @@ def _configs():
     return {"klein-4b": KLEIN_4B, "medium": configs()["medium"].transformer}
 
 
+def xla_attention(module, dtype):
+    """Every attention of `module` on XLA's path, the only one the baseline tree has (it has no set_attention): so
+    that both trees count the attention's FLOPs (XLA counts a loop body's once and a custom call's not at all) and
+    time the projections' layouts, not this tree's CPU attention kernel."""
+    try:
+        from klein_jax.models.attention import set_attention
+    except ImportError:
+        return module
+    set_attention(module, "xla", dtype)
+    return module
+
+
 def _program(config, dtype, tokens: int, text: int, mesh=None, misaligned: bool = False):
-    """The lowered transformer call (batch 1) on abstract weights, its parameters placed by the partition table."""
+    """The lowered transformer call (batch 1) on abstract weights with XLA attention, its parameters placed by the
+    partition table."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -60,7 +74,7 @@ def _program(config, dtype, tokens: int, text: int, mesh=None, misaligned: bool 
     from klein_jax import sharding
     from klein_jax.loading import abstract_module
 
-    graphdef, state = nnx.split(abstract_module("transformer", config, dtype))
+    graphdef, state = nnx.split(xla_attention(abstract_module("transformer", config, dtype), dtype))
     if mesh is not None:
         state = sharding.shard_state(state, "transformer", mesh)
         if misaligned:  # the grouped kernels split along C (inside each group) instead of G: a deliberate bug
@@ -113,7 +127,7 @@ def measure_child(repeats: int) -> dict:
     flops = _program(configs["klein-4b"], jnp.bfloat16, (1024 // 16) ** 2, 512).compile().cost_analysis()
     flops = flops[0] if isinstance(flops, list) else flops
     config = configs["medium"]
-    model = random_module("transformer", config, np.random.default_rng(0), "float32")
+    model = xla_attention(random_module("transformer", config, np.random.default_rng(0), "float32"), jnp.float32)
     rng = np.random.default_rng(1)
     tokens, text = (512 // 16) ** 2, 512
     args = (jnp.asarray(rng.standard_normal((1, tokens, config.in_channels)), jnp.float32),
@@ -161,7 +175,7 @@ def markdown(results: dict) -> str:
                      f"{c['all-gather']} | {r['flops'] / 1e12:.3f} T | {r['step_ms']:.0f} ms |")
     return "\n".join(["", *lines, "", f"Collectives: the compiled klein-4B 1024x1024 transformer call (bf16, "
                       f"abstract weights) at model=4 over 8 fake CPU devices. Step: median of one medium-config call "
-                      f"(512x512, float32). On {reporting.host()}, load average during the run: {load}.", ""])
+                      f"(512x512, float32). Both trees run XLA's attention (the baseline's only one). On {reporting.host()}, load average during the run: {load}.", ""])
 
 
 def main(argv=None) -> None:

@@ -67,24 +67,25 @@ def _cpu_signature() -> str:
         return platform.processor() or platform.machine()
 
 
-def build(compiler: str, folder: pathlib.Path | None = None) -> pathlib.Path:
-    """Compiles the kernel into `folder` (cache_folder()) unless a build of this source for this host is there.
-
-    Returns the shared library's path; a failed compilation is a RuntimeError carrying the compiler's output.
+def build(compiler: str, folder: pathlib.Path | None = None, source: pathlib.Path | None = None) -> pathlib.Path:
+    """Compiles a kernel's C++ `source` (this module's SOURCE) into `folder` (cache_folder()) unless a build of that
+    source for this host is there. Returns the shared library's path; a failed compilation is a RuntimeError
+    carrying the compiler's output. (klein_jax/models/cpu_conv.py builds its kernel here too.)
     """
     import jaxlib
 
     folder = folder or cache_folder()
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), jaxlib.__version__, compiler, " ".join(FLAGS),
+    source = source or SOURCE
+    key = hashlib.sha256("\0".join([source.read_text(), jaxlib.__version__, compiler, " ".join(FLAGS),
                                     _cpu_signature()]).encode()).hexdigest()[:16]
-    library = folder / f"cpu_attention-{key}.so"
+    library = folder / f"{source.stem}-{key}.so"
     if library.exists():
         return library
     folder.mkdir(parents=True, exist_ok=True)
-    log.info("building the fused CPU attention kernel (once per machine) into %s", library)
+    log.info("building the CPU kernel %s (once per machine) into %s", source.name, library)
     with tempfile.TemporaryDirectory(dir=folder) as scratch:
         partial = pathlib.Path(scratch) / library.name
-        command = [compiler, *FLAGS, "-I", jax.ffi.include_dir(), str(SOURCE), "-o", str(partial)]
+        command = [compiler, *FLAGS, "-I", jax.ffi.include_dir(), str(source), "-o", str(partial)]
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode:
             raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}):\n{done.stderr[-4000:]}")

@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from klein_jax.models import cpu_conv
+
 SIXTEEN_BIT = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
@@ -54,8 +56,11 @@ def wide_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_elem
 
 def wide_conv_general_dilated(lhs, rhs, *args, preferred_element_type=None, **kwargs):
     """jax.lax.conv_general_dilated; a 16-bit convolution without an explicit result type returns its float32 result
-    on CPU, for a layer that adds its bias in float32 before the one rounding, as torch does (RoundOnceConv)."""
+    on CPU, for a layer that adds its bias in float32 before the one rounding, as torch does (RoundOnceConv). There
+    a bfloat16 one runs on the AVX512-BF16 kernel where it takes the shapes (klein_jax/models/cpu_conv.py)."""
     if preferred_element_type is None and accumulates_explicitly(lhs, rhs):
+        if cpu_conv.supports(lhs, rhs, *args, **kwargs):
+            return cpu_conv.conv(lhs, rhs, *args, **kwargs)
         preferred_element_type = jnp.float32
     return jax.lax.conv_general_dilated(lhs, rhs, *args, preferred_element_type=preferred_element_type, **kwargs)
 
