@@ -16,7 +16,7 @@ from flax import nnx
 
 from klein_jax.configs import TextEncoderConfig
 from klein_jax.models import matmul
-from klein_jax.models.layers import RMSNorm, attention_implementation, dot_product_attention, rms_normalize
+from klein_jax.models.layers import RMSNorm, attention_implementation, dot_product_attention, rms_normalize, silu
 
 
 def rope_cos_sin(num_tokens: int, head_dim: int, theta: float, dtype) -> tuple[jax.Array, jax.Array]:
@@ -129,7 +129,7 @@ class Qwen3MLP(nnx.Module):
         self.down_proj = nnx.Linear(I, D, **linear)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Qwen3DecoderLayer(nnx.Module):

@@ -23,7 +23,7 @@ from flax import nnx
 
 from klein_jax.configs import TransformerConfig
 from klein_jax.models.kv_cache import ReferenceKV
-from klein_jax.models.layers import attention_implementation, layer_norm
+from klein_jax.models.layers import attention_implementation, layer_norm, silu
 from klein_jax.models.rope import rope_tables
 from klein_jax.models.transformer_blocks import Flux2SingleTransformerBlock, Flux2TransformerBlock, bias_free_linear
 
@@ -67,7 +67,7 @@ class TimestepEmbedding(nnx.Module):
         self.linear_2 = bias_free_linear(dim, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.linear_2(jax.nn.silu(self.linear_1(x)))
+        return self.linear_2(silu(self.linear_1(x)))
 
 
 class Flux2TimestepGuidanceEmbeddings(nnx.Module):
@@ -91,7 +91,7 @@ class Flux2Modulation(nnx.Module):
         self.linear = bias_free_linear(dim, 3 * num_sets * dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, temb: jax.Array) -> jax.Array:
-        return self.linear(jax.nn.silu(temb))
+        return self.linear(silu(temb))
 
 
 class AdaLayerNormContinuous(nnx.Module):
@@ -103,7 +103,7 @@ class AdaLayerNormContinuous(nnx.Module):
 
     def __call__(self, x: jax.Array, temb: jax.Array) -> jax.Array:
         """x (B, L, D), temb (B, D) -> (B, L, D)."""
-        scale, shift = jnp.split(self.linear(jax.nn.silu(temb)), 2, axis=-1)  # (B, 2D) -> 2 x (B, D)
+        scale, shift = jnp.split(self.linear(silu(temb)), 2, axis=-1)  # (B, 2D) -> 2 x (B, D)
         return layer_norm(x, self.eps) * (1 + scale)[:, None, :] + shift[:, None, :]
 
 

@@ -17,7 +17,7 @@ from flax import nnx
 
 from klein_jax.models import matmul
 from klein_jax.models.fused import INPUT, GroupedLinear, groups
-from klein_jax.models.layers import RMSNorm, dot_product_attention, layer_norm
+from klein_jax.models.layers import RMSNorm, dot_product_attention, layer_norm, silu
 from klein_jax.models.rope import apply_rope
 
 KeyValues = tuple[jax.Array, jax.Array]  # post-RoPE keys and values (B, S, H, Dh) of one attention layer
@@ -53,7 +53,7 @@ def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array, eps: float) -> ja
 
 def swiglu(gate: jax.Array, value: jax.Array) -> jax.Array:
     """SiLU(gate) * value (Flux2SwiGLU on the halves of diffusers' fused gate|value projection)."""
-    return jax.nn.silu(gate) * value
+    return silu(gate) * value
 
 
 class Flux2FeedForward(nnx.Module):
