@@ -142,3 +142,37 @@ def test_the_bfloat16_vae_calls_it_and_decodes_as_closely_as_on_xla(monkeypatch)
     assert error.mean() <= 1.25 * xla_error.mean() and error.max() <= 2 * xla_error.max(), (
         error.mean(), xla_error.mean(), error.max(), xla_error.max())
     assert xla_error.mean() < 0.01 * np.abs(reference).max()  # bfloat16's own distance, not a broken decode
+
+
+def test_the_biased_form_adds_the_bias_and_rounds_once():
+    """bias=: the float32 sums plus the bias, rounded once to bfloat16 (what RoundOnceConv computes on XLA); equal to
+    that but where the float32 sums' order moves a value across a rounding boundary."""
+    x, w = operands(np.random.default_rng(11), 2, 9, 30, 64, 48)
+    bias = jnp.asarray(np.random.default_rng(12).standard_normal(48), jnp.bfloat16)
+    got = jax.jit(lambda x, w, b: cpu_conv.conv(x, w, (1, 1), "SAME", dimension_numbers=NHWC, bias=b))(x, w, bias)
+    exact = exact_conv(x, w, ((1, 1), (1, 1))) + np.asarray(bias, np.float64)
+    want = np.asarray(jnp.asarray(exact, jnp.float32).astype(jnp.bfloat16), np.float32)
+    assert got.dtype == jnp.bfloat16 and got.shape == want.shape
+    got = np.asarray(got, np.float32)
+    steps = np.abs(got - want) / (np.abs(want) * 2.0**-7)
+    assert np.mean(got == want) > 0.999 and steps.max() <= 1, (np.mean(got == want), steps.max())
+    unbiased = np.asarray(jnp.asarray(exact_conv(x, w, ((1, 1), (1, 1))), jnp.float32).astype(jnp.bfloat16))
+    assert np.mean(got == np.asarray(unbiased, np.float32)) < 0.5  # the bias is there
+    with pytest.raises(ValueError, match="bias must have shape"):
+        cpu_conv.conv(x, w, (1, 1), "SAME", dimension_numbers=NHWC, bias=bias[:16])
+
+
+def test_round_once_conv_takes_the_biased_kernel_and_its_gradients_are_xlas():
+    conv = matmul.RoundOnceConv(32, 32, (3, 3), padding=((1, 1), (1, 1)), dtype=jnp.bfloat16,
+                                param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    conv.bias[...] = jnp.asarray(np.random.default_rng(2).standard_normal(32), jnp.bfloat16)
+    x = jnp.asarray(np.random.default_rng(3).standard_normal((1, 8, 13, 32)), jnp.bfloat16)
+    graph, state = nnx.split(conv)
+    loss = jax.jit(lambda state, x: jnp.sum(jnp.sin(nnx.merge(graph, state)(x).astype(jnp.float32))))
+    assert cpu_conv.BIAS_TARGET in jax.jit(lambda s, x: nnx.merge(graph, s)(x)).lower(state, x).as_text()
+    grads = jax.grad(loss, argnums=(0, 1))(state, x)
+    xla_loss = lambda state, x: jnp.sum(jnp.sin(cpu_conv._xla(  # noqa: E731
+        jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))), state["kernel"][...], state["bias"][...]).astype(jnp.float32)))
+    want = jax.grad(xla_loss, argnums=(0, 1))(state, x)
+    for g, h in zip(jax.tree.leaves(grads), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(h, np.float32), rtol=2e-2, atol=2e-2)

@@ -151,8 +151,8 @@ def test_biased_layers_add_the_bias_before_the_one_rounding():
 
 def test_silu_rounds_once_as_torch():
     """SiLU of bfloat16 values (the transformer's SwiGLU and timestep MLPs, the text encoder's MLP, the VAE): equal to
-    torch's F.silu bit for bit; jax.nn.silu rounds the sigmoid and then the product, one bfloat16 step off in a
-    few percent of the outputs (the order it replaces)."""
+    torch's F.silu bit for bit; jax.nn.silu rounds the sigmoid and then the product, a bfloat16 step off in 37.5 %
+    of these outputs (the order it replaces)."""
     from klein_jax.models.layers import silu
 
     x = jnp.asarray(np.random.default_rng(3).standard_normal(1 << 16) * 4, jnp.bfloat16)
@@ -160,4 +160,4 @@ def test_silu_rounds_once_as_torch():
     got = jax.jit(silu)(x)
     assert got.dtype == jnp.bfloat16
     np.testing.assert_array_equal(np.asarray(got, np.float32), want)
-    assert np.mean(np.asarray(jax.jit(jax.nn.silu)(x), np.float32) != want) > 0.01
+    assert np.mean(np.asarray(jax.jit(jax.nn.silu)(x), np.float32) != want) > 0.3

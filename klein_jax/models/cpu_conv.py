@@ -29,8 +29,9 @@ from klein_jax.models import cpu_attention
 log = logging.getLogger(__name__)
 
 SOURCE = pathlib.Path(__file__).with_name("cpu_conv.cc")
-TARGET = "klein_cpu_conv"  # the FFI target name XLA's custom call carries
-SYMBOL = "KleinCpuConvolution"
+TARGET = "klein_cpu_conv"  # the FFI target names XLA's custom calls carry: float32 result, and bias + bfloat16
+BIAS_TARGET = "klein_cpu_conv_bias"
+SYMBOLS = {TARGET: "KleinCpuConvolution", BIAS_TARGET: "KleinCpuConvolutionBias"}
 LANES = 16  # output channels must be a multiple of this
 NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -57,7 +58,8 @@ def _load() -> str | None:
         return "no C++ compiler found ($CXX, c++, g++, clang++)"
     try:
         library = ctypes.cdll.LoadLibrary(str(cpu_attention.build(compiler, source=SOURCE)))
-        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(getattr(library, SYMBOL)), platform="cpu")
+        for target, symbol in SYMBOLS.items():
+            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
     except (OSError, RuntimeError, AttributeError) as error:
         log.warning("the bfloat16 CPU convolution kernel is unavailable, convolutions stay on XLA: %s", error)
         return str(error)
@@ -100,25 +102,37 @@ def supports(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=
             and jax.default_backend() == "cpu" and available())
 
 
-def _call(x, packed):
+def _pack(w):
+    """HWIO (KH, KW, Cin, Cout) -> (KH, KW, Cin/2, Cout, 2): input channel pairs innermost."""
+    kh, kw, cin, cout = w.shape
+    return w.reshape(kh, kw, cin // 2, 2, cout).transpose(0, 1, 2, 4, 3)
+
+
+def _call(x, packed, bias=None):
     kh, kw, _, cout, _ = packed.shape
-    out = jax.ShapeDtypeStruct((x.shape[0], x.shape[1] - kh + 1, x.shape[2] - kw + 1, cout), jnp.float32)
-    return jax.ffi.ffi_call(TARGET, out, vmap_method="sequential")(x, packed)
+    shape = (x.shape[0], x.shape[1] - kh + 1, x.shape[2] - kw + 1, cout)
+    if bias is None:
+        return jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(shape, jnp.float32), vmap_method="sequential")(
+            x, packed)
+    return jax.ffi.ffi_call(BIAS_TARGET, jax.ShapeDtypeStruct(shape, jnp.bfloat16), vmap_method="sequential")(
+        x, packed, bias.astype(jnp.float32))
 
 
-def _xla(x, w):
-    return jax.lax.conv_general_dilated(x, w, (1, 1), "VALID", dimension_numbers=NHWC,
-                                        preferred_element_type=jnp.float32)
+def _xla(x, w, bias=None):
+    """What the kernel computes, in XLA ops (the gradients' function)."""
+    y = jax.lax.conv_general_dilated(x, w, (1, 1), "VALID", dimension_numbers=NHWC,
+                                     preferred_element_type=jnp.float32)
+    return y if bias is None else (y + bias.astype(jnp.float32)).astype(jnp.bfloat16)
 
 
 @jax.custom_vjp
 def _valid_conv(x, w):
-    kh, kw, cin, cout = w.shape  # input channel pairs innermost: (KH, KW, Cin/2, Cout, 2)
-    return _call(x, w.reshape(kh, kw, cin // 2, 2, cout).transpose(0, 1, 2, 4, 3))
+    return _call(x, _pack(w))
 
 
-def _forward(x, w):
-    return _valid_conv(x, w), (x, w)
+@jax.custom_vjp
+def _valid_conv_bias(x, w, bias):
+    return _call(x, _pack(w), bias)
 
 
 def _backward(residuals, cotangent):
@@ -126,14 +140,18 @@ def _backward(residuals, cotangent):
     return pullback(cotangent)
 
 
-_valid_conv.defvjp(_forward, _backward)
+_valid_conv.defvjp(lambda x, w: (_valid_conv(x, w), (x, w)), _backward)
+_valid_conv_bias.defvjp(lambda x, w, b: (_valid_conv_bias(x, w, b), (x, w, b)), _backward)
 
 
-def conv(lhs, rhs, window_strides, padding, **kwargs):
-    """jax.lax.conv_general_dilated of bfloat16 operands with a float32 result, through the kernel (supports())."""
+def conv(lhs, rhs, window_strides, padding, *, bias=None, **kwargs):
+    """jax.lax.conv_general_dilated of bfloat16 operands with a float32 result, through the kernel (supports());
+    with `bias` (Cout,), the float32 result plus the bias rounded once to bfloat16 (torch's biased convolution)."""
     if not supports(lhs, rhs, window_strides, padding, **kwargs):
         raise ValueError(f"the bfloat16 CPU convolution takes NHWC x HWIO bfloat16, stride 1, even Cin, Cout a "
                          f"multiple of {LANES}, here: got {lhs.shape} {lhs.dtype} x {rhs.shape} {rhs.dtype}")
+    if bias is not None and bias.shape != (rhs.shape[3],):
+        raise ValueError(f"the convolution's bias must have shape ({rhs.shape[3]},); got {bias.shape}")
     pads = explicit_padding(lhs, rhs, padding)
     x = jnp.pad(lhs, ((0, 0), *pads, (0, 0))) if any(map(any, pads)) else lhs
-    return _valid_conv(x, rhs)
+    return _valid_conv(x, rhs) if bias is None else _valid_conv_bias(x, rhs, bias)

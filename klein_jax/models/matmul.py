@@ -78,13 +78,35 @@ class RoundOnceLinear(nnx.Linear):
 
 
 class RoundOnceConv(nnx.Conv):
-    """nnx.Conv, the same way: torch's convolution adds its bias before the one rounding."""
+    """nnx.Conv, the same way: torch's convolution adds its bias before the one rounding. In bfloat16 on a CPU with
+    AVX512-BF16 the kernel adds it and rounds (klein_jax/models/cpu_conv.py), writing no float32 intermediate."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, conv_general_dilated=wide_conv_general_dilated, **kwargs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        kernel, args = self.kernel[...], self._kernel_arguments()
+        if (self.bias is not None and args is not None and x.dtype == kernel.dtype == jnp.dtype(self.dtype or x.dtype)
+                and accumulates_explicitly(x, kernel) and cpu_conv.supports(x, kernel, *args, dimension_numbers=NHWC)):
+            return cpu_conv.conv(x, kernel, *args, dimension_numbers=NHWC, bias=self.bias[...])
         return super().__call__(x).astype(self.dtype or x.dtype)
+
+    def _kernel_arguments(self):
+        """(strides, padding) of this 2-d convolution for cpu_conv, or None for what it never takes (dilations,
+        groups, a padding mode)."""
+        if len(self.kernel_size) != 2 or self.feature_group_count != 1 or any(
+                d not in (None, 1, (1, 1)) for d in (self.input_dilation, self.kernel_dilation)):
+            return None
+        strides = (self.strides,) * 2 if isinstance(self.strides, int) else tuple(self.strides or (1, 1))
+        padding = self.padding
+        if isinstance(padding, int):
+            padding = ((padding, padding),) * 2
+        elif isinstance(padding, str) and padding not in ("SAME", "VALID"):
+            return None
+        return strides, padding
+
+
+NHWC = ("NHWC", "HWIO", "NHWC")
 
 
 def _is_one_row(lhs, rhs, dimension_numbers) -> bool:

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from klein_jax.models import matmul
+from klein_jax.models import cpu_conv, matmul
 from klein_jax.models.attention import attention_implementation, dot_product_attention
 from klein_jax.models.layers import silu
 
@@ -148,14 +148,18 @@ class Upsample2D(nnx.Module):
             high = phases.astype(dtype)
             low = (phases - high.astype(jnp.float32)).astype(dtype)
             x, phases = jnp.concatenate([x, x], axis=-1), jnp.concatenate([high, low], axis=2)
-        y = matmul.wide_conv_general_dilated(x, phases.astype(dtype), (1, 1), ((1, 1), (1, 1)),
-                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))  # (B, H+1, W+1, 4C)
+        phases, args = phases.astype(dtype), ((1, 1), ((1, 1), (1, 1)))
+        bias = self.conv.bias[...].astype(dtype)
+        if cpu_conv.supports(x, phases, *args, dimension_numbers=matmul.NHWC):  # biased and rounded in the kernel
+            y, bias = cpu_conv.conv(x, phases, *args, dimension_numbers=matmul.NHWC, bias=jnp.tile(bias, 4)), None
+        else:
+            y = matmul.wide_conv_general_dilated(x, phases, *args, dimension_numbers=matmul.NHWC)  # (B, H+1, W+1, 4C)
         y = y.reshape(B, H + 1, W + 1, 2, 2, C)  # (..., 4C) -> (..., phase a, phase b, C)
         # phase (a, b) of input pixel (i, j) is y[i + a, j + b, a, b]
         rows = [jnp.stack([y[:, a:a + H, b:b + W, a, b] for b in (0, 1)], axis=3)  # (B, H, W, 2, C)
                 for a in (0, 1)]
         out = jnp.stack(rows, axis=2).reshape(B, 2 * H, 2 * W, C)  # (B, H, 2, W, 2, C) -> (B, 2H, 2W, C)
-        return (out + self.conv.bias[...].astype(dtype)).astype(dtype)  # 16 bits on CPU: float32 until here
+        return out if bias is None else (out + bias).astype(dtype)  # 16 bits on CPU: float32 until here
 
 
 class Attention(nnx.Module):
