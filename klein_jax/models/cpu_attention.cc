@@ -10,13 +10,11 @@
 // head h / (H / K). Dh must be a multiple of 16 (every klein attention: 64, 128; the Python side checks).
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
-#include <memory>
-#include <thread>
 #include <vector>
 
+#include "cpu_parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -59,25 +57,7 @@ inline v16 exp_nonpositive(v16 x) {
   return x < splat(-87.3f) ? splat(0.0f) : result;
 }
 
-// Runs body(i) for i in [0, count) on the caller and XLA's intra-op threads. Items are claimed from a shared counter,
-// so a task the pool starts late finds nothing left, and the caller waits only for items already being run.
-template <typename Body>
-void parallel_for(ffi::ThreadPool& pool, int64_t count, const Body& body) {
-  struct Progress {
-    std::atomic<int64_t> next{0}, done{0};
-  };
-  auto progress = std::make_shared<Progress>();
-  // A task owns a reference to `progress`; it touches `body` only while items remain, i.e. before we return.
-  auto work = [progress, count, &body] {
-    for (int64_t i; (i = progress->next.fetch_add(1)) < count;) {
-      body(i);
-      progress->done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  for (int64_t t = 1; t < std::min<int64_t>(pool.num_threads(), count); ++t) pool.Schedule(decltype(work)(work));
-  work();
-  while (progress->done.load(std::memory_order_acquire) < count) std::this_thread::yield();
-}
+using klein::parallel_for;
 
 struct Shape {
   int64_t batch, queries, heads, keys, kv_heads, head_dim;

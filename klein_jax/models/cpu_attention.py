@@ -28,6 +28,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -67,16 +68,29 @@ def _cpu_signature() -> str:
         return platform.processor() or platform.machine()
 
 
+def cpu_flags() -> set[str]:
+    """The host CPU's feature flags (/proc/cpuinfo), empty where there is no such file."""
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return set()
+
+
 def build(compiler: str, folder: pathlib.Path | None = None, source: pathlib.Path | None = None) -> pathlib.Path:
     """Compiles a kernel's C++ `source` (this module's SOURCE) into `folder` (cache_folder()) unless a build of that
-    source for this host is there. Returns the shared library's path; a failed compilation is a RuntimeError
-    carrying the compiler's output. (klein_jax/models/cpu_conv.py builds its kernel here too.)
+    source (and the headers beside it) for this host is there. Returns the shared library's path; a failed
+    compilation is a RuntimeError carrying the compiler's output. (klein_jax/models/cpu_conv.py builds its kernel
+    here too.)
     """
     import jaxlib
 
     folder = folder or cache_folder()
     source = source or SOURCE
-    key = hashlib.sha256("\0".join([source.read_text(), jaxlib.__version__, compiler, " ".join(FLAGS),
+    headers = [header.read_text() for header in sorted(source.parent.glob("*.h"))]
+    key = hashlib.sha256("\0".join([source.read_text(), *headers, jaxlib.__version__, compiler, " ".join(FLAGS),
                                     _cpu_signature()]).encode()).hexdigest()[:16]
     library = folder / f"{source.stem}-{key}.so"
     if library.exists():
@@ -85,7 +99,8 @@ def build(compiler: str, folder: pathlib.Path | None = None, source: pathlib.Pat
     log.info("building the CPU kernel %s (once per machine) into %s", source.name, library)
     with tempfile.TemporaryDirectory(dir=folder) as scratch:
         partial = pathlib.Path(scratch) / library.name
-        command = [compiler, *FLAGS, "-I", jax.ffi.include_dir(), str(source), "-o", str(partial)]
+        command = [compiler, *FLAGS, "-I", jax.ffi.include_dir(), "-I", str(source.parent), str(source), "-o",
+                   str(partial)]
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode:
             raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}):\n{done.stderr[-4000:]}")
@@ -93,23 +108,36 @@ def build(compiler: str, folder: pathlib.Path | None = None, source: pathlib.Pat
     return library
 
 
-@functools.cache
-def _load() -> str | None:
-    """Builds (if needed), loads and registers the kernel once per process; None if it is available, else why not."""
+def load_kernel(source: pathlib.Path, symbols: dict[str, str], what: str,
+                unsupported: Callable[[], str | None] = lambda: None) -> str | None:
+    """Builds (if needed) and loads the kernel of `source`, registering each FFI target name -> exported symbol of
+    `symbols` with XLA; None if it can run, else why not (KLEIN_JAX_CPU_KERNEL=0, `unsupported()`'s reason, no
+    compiler, a failed build). `what` ends the warning: what runs instead."""
     if os.environ.get(DISABLE_ENV, "1") == "0":
         return f"disabled by {DISABLE_ENV}=0"
-    if platform.machine().lower() not in ("x86_64", "amd64", "aarch64", "arm64"):
-        return f"no kernel for {platform.machine()}"
+    if (reason := unsupported()) is not None:
+        return reason
     compiler = find_compiler()
     if compiler is None:
         return "no C++ compiler found ($CXX, c++, g++, clang++)"
     try:
-        library = ctypes.cdll.LoadLibrary(str(build(compiler)))
-        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(getattr(library, SYMBOL)), platform="cpu")
+        library = ctypes.cdll.LoadLibrary(str(build(compiler, source=source)))
+        for target, symbol in symbols.items():
+            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
     except (OSError, RuntimeError, AttributeError) as error:
-        log.warning("the fused CPU attention kernel is unavailable, attention stays on 'chunked': %s", error)
+        log.warning("the CPU kernel %s is unavailable, %s: %s", source.name, what, error)
         return str(error)
     return None
+
+
+@functools.cache
+def _load() -> str | None:
+    """Builds (if needed), loads and registers the kernel once per process; None if it is available, else why not."""
+    def unsupported():
+        machine = platform.machine()
+        return None if machine.lower() in ("x86_64", "amd64", "aarch64", "arm64") else f"no kernel for {machine}"
+
+    return load_kernel(SOURCE, {TARGET: SYMBOL}, "attention stays on 'chunked'", unsupported)
 
 
 def unavailable_reason() -> str | None:

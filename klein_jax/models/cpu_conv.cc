@@ -15,12 +15,10 @@
 #include <immintrin.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cstring>
-#include <memory>
-#include <thread>
 
+#include "cpu_parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 #ifndef __AVX512BF16__
@@ -34,23 +32,7 @@ namespace {
 constexpr int kLanes = 16;   // float32 outputs per vector
 constexpr int kPixels = 12;  // output pixels per register block
 
-template <typename Body>
-void parallel_for(ffi::ThreadPool& pool, int64_t count, const Body& body) {
-  struct Progress {
-    std::atomic<int64_t> next{0}, done{0};
-  };
-  auto progress = std::make_shared<Progress>();
-  // A task owns a reference to `progress`; it touches `body` only while items remain, i.e. before we return.
-  auto work = [progress, count, &body] {
-    for (int64_t i; (i = progress->next.fetch_add(1)) < count;) {
-      body(i);
-      progress->done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  for (int64_t t = 1; t < std::min<int64_t>(pool.num_threads(), count); ++t) pool.Schedule(decltype(work)(work));
-  work();
-  while (progress->done.load(std::memory_order_acquire) < count) std::this_thread::yield();
-}
+using klein::parallel_for;
 
 struct Shape {
   int64_t batch, in_h, in_w, in_c, kh, kw, out_c;

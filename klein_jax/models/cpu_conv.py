@@ -14,10 +14,7 @@ through XLA's convolution.
 
 from __future__ import annotations
 
-import ctypes
 import functools
-import logging
-import os
 import pathlib
 import platform
 
@@ -26,7 +23,6 @@ import jax.numpy as jnp
 
 from klein_jax.models import cpu_attention
 
-log = logging.getLogger(__name__)
 
 SOURCE = pathlib.Path(__file__).with_name("cpu_conv.cc")
 TARGET = "klein_cpu_conv"  # the FFI target names XLA's custom calls carry: float32 result, and bias + bfloat16
@@ -36,34 +32,14 @@ LANES = 16  # output channels must be a multiple of this
 NHWC = ("NHWC", "HWIO", "NHWC")
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.partition(":")[2].split())
-    except OSError:
-        pass
-    return set()
-
-
 @functools.cache
 def _load() -> str | None:
     """Builds (if needed), loads and registers the kernel once per process; None if it is available, else why not."""
-    if os.environ.get(cpu_attention.DISABLE_ENV, "1") == "0":
-        return f"disabled by {cpu_attention.DISABLE_ENV}=0"
-    if platform.machine().lower() not in ("x86_64", "amd64") or "avx512_bf16" not in _cpu_flags():
-        return "the CPU has no AVX512-BF16"
-    compiler = cpu_attention.find_compiler()
-    if compiler is None:
-        return "no C++ compiler found ($CXX, c++, g++, clang++)"
-    try:
-        library = ctypes.cdll.LoadLibrary(str(cpu_attention.build(compiler, source=SOURCE)))
-        for target, symbol in SYMBOLS.items():
-            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
-    except (OSError, RuntimeError, AttributeError) as error:
-        log.warning("the bfloat16 CPU convolution kernel is unavailable, convolutions stay on XLA: %s", error)
-        return str(error)
-    return None
+    def unsupported():
+        x86 = platform.machine().lower() in ("x86_64", "amd64")
+        return None if x86 and "avx512_bf16" in cpu_attention.cpu_flags() else "the CPU has no AVX512-BF16"
+
+    return cpu_attention.load_kernel(SOURCE, SYMBOLS, "convolutions stay on XLA", unsupported)
 
 
 def unavailable_reason() -> str | None:

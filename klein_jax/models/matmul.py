@@ -85,10 +85,11 @@ class RoundOnceConv(nnx.Conv):
         super().__init__(*args, conv_general_dilated=wide_conv_general_dilated, **kwargs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel, args = self.kernel[...], self._kernel_arguments()
-        if (self.bias is not None and args is not None and x.dtype == kernel.dtype == jnp.dtype(self.dtype or x.dtype)
-                and accumulates_explicitly(x, kernel) and cpu_conv.supports(x, kernel, *args, dimension_numbers=NHWC)):
-            return cpu_conv.conv(x, kernel, *args, dimension_numbers=NHWC, bias=self.bias[...])
+        args = self._kernel_arguments()
+        if self.bias is not None and args is not None and jnp.dtype(self.dtype or x.dtype) == x.dtype:
+            y = biased_conv_on_kernel(x, self.kernel[...], self.bias[...], *args)
+            if y is not None:
+                return y
         return super().__call__(x).astype(self.dtype or x.dtype)
 
     def _kernel_arguments(self):
@@ -106,7 +107,13 @@ class RoundOnceConv(nnx.Conv):
         return strides, padding
 
 
-NHWC = ("NHWC", "HWIO", "NHWC")
+def biased_conv_on_kernel(x, kernel, bias, window_strides, padding) -> jax.Array | None:
+    """An NHWC x HWIO convolution plus bias rounded once to bfloat16 by the CPU kernel (cpu_conv), or None where the
+    kernel does not take it (then the caller runs XLA's): RoundOnceConv's and the VAE upsampler's one test."""
+    if accumulates_explicitly(x, kernel) and cpu_conv.supports(x, kernel, window_strides, padding,
+                                                               dimension_numbers=cpu_conv.NHWC):
+        return cpu_conv.conv(x, kernel, window_strides, padding, dimension_numbers=cpu_conv.NHWC, bias=bias)
+    return None
 
 
 def _is_one_row(lhs, rhs, dimension_numbers) -> bool:

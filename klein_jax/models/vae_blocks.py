@@ -150,10 +150,11 @@ class Upsample2D(nnx.Module):
             x, phases = jnp.concatenate([x, x], axis=-1), jnp.concatenate([high, low], axis=2)
         phases, args = phases.astype(dtype), ((1, 1), ((1, 1), (1, 1)))
         bias = self.conv.bias[...].astype(dtype)
-        if cpu_conv.supports(x, phases, *args, dimension_numbers=matmul.NHWC):  # biased and rounded in the kernel
-            y, bias = cpu_conv.conv(x, phases, *args, dimension_numbers=matmul.NHWC, bias=jnp.tile(bias, 4)), None
+        y = matmul.biased_conv_on_kernel(x, phases, jnp.tile(bias, 4), *args)  # bias added and rounded there
+        if y is None:
+            y = matmul.wide_conv_general_dilated(x, phases, *args, dimension_numbers=cpu_conv.NHWC)  # (B, H+1, W+1, 4C)
         else:
-            y = matmul.wide_conv_general_dilated(x, phases, *args, dimension_numbers=matmul.NHWC)  # (B, H+1, W+1, 4C)
+            bias = None
         y = y.reshape(B, H + 1, W + 1, 2, 2, C)  # (..., 4C) -> (..., phase a, phase b, C)
         # phase (a, b) of input pixel (i, j) is y[i + a, j + b, a, b]
         rows = [jnp.stack([y[:, a:a + H, b:b + W, a, b] for b in (0, 1)], axis=3)  # (B, H, W, 2, C)
